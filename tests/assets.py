@@ -1,0 +1,141 @@
+"""Tiny, fully local test assets: an English-like corpus, tokenizers of the three
+families and teacher/student models built from configs (no network, ever).
+
+Tokenizers and models are written with `save_pretrained` and loaded back by path,
+exactly as a user's local teacher would be.
+"""
+
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
+
+MAX_LEN = 64  # model_max_length of every tiny tokenizer and position range of every tiny model
+
+_WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no out up what said its about into "
+    "than them can only other new some could time these two may then do first any my now such like our over man "
+    "me even most made after also did many before must through back years where much your way well down should "
+    "because each just those people how too little state good very make world still own see men work long get "
+    "here between both life being under never day same another know while last might us great old year off come "
+    "since against go came right used take three distillation teacher student transformer language model token "
+    "sequence network training corpus vocabulary attention layer embedding gradient"
+).split()
+
+
+def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
+    """Sentences of Zipf-distributed words (3 to 60 words), deterministic for a seed."""
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) for rank in range(len(_WORDS))]
+    lines = []
+    for _ in range(n_lines):
+        words = rng.choices(_WORDS, weights=weights, k=rng.randint(3, 60))
+        words[0] = words[0].capitalize()
+        lines.append(" ".join(words) + rng.choice([".", "!", "?", ","]))
+    return lines
+
+
+def build_tokenizer(kind: str, out_dir: Path, corpus: list[str], vocab_size: int = 400) -> Path:
+    """Train a tiny tokenizer of `kind` (bert, roberta or gpt2) on `corpus` and save it to `out_dir`."""
+    if kind == "bert":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+        tok.decoder = decoders.WordPiece()
+        roles = dict(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    elif kind in ("roberta", "gpt2"):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if kind == "roberta" else ["<|endoftext|>"]
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tok.train_from_iterator(corpus, trainer)
+        if kind == "roberta":
+            tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+            roles = dict(
+                bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                cls_token="<s>", sep_token="</s>", mask_token="<mask>",
+            )
+        else:
+            roles = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN, **roles)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def teacher_config(kind: str, vocab_size: int, n_layers: int = 2, hidden: int = 32, heads: int = 2):
+    """Config of a tiny teacher of family `kind` (bert, roberta or gpt2)."""
+    if kind == "bert":
+        return BertConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
+            intermediate_size=4 * hidden, max_position_embeddings=MAX_LEN, pad_token_id=0,
+        )
+    if kind == "roberta":
+        return RobertaConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
+            intermediate_size=4 * hidden, max_position_embeddings=MAX_LEN + 2, type_vocab_size=1,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
+        )
+    if kind == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden, n_layer=n_layers, n_head=heads, n_positions=MAX_LEN,
+            bos_token_id=0, eos_token_id=0,
+        )
+    raise ValueError(f"unknown teacher kind {kind!r}")
+
+
+def student_config(kind: str, vocab_size: int, n_layers: int = 1, hidden: int = 32, heads: int = 2):
+    """Config of a tiny student of family `kind` (distilbert, roberta or gpt2)."""
+    if kind == "distilbert":
+        return DistilBertConfig(
+            vocab_size=vocab_size, dim=hidden, n_layers=n_layers, n_heads=heads, hidden_dim=4 * hidden,
+            max_position_embeddings=MAX_LEN, sinusoidal_pos_embds=True, pad_token_id=0,
+        )
+    return teacher_config(kind, vocab_size, n_layers, hidden, heads)
+
+
+MODEL_CLASSES = {
+    "bert": BertForMaskedLM,
+    "distilbert": DistilBertForMaskedLM,
+    "roberta": RobertaForMaskedLM,
+    "gpt2": GPT2LMHeadModel,
+}
+
+
+def build_teacher(kind: str, out_dir: Path, tokenizer_dir: Path, n_layers: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny teacher together with its tokenizer in `out_dir`."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[kind](teacher_config(kind, len(tokenizer), n_layers=n_layers))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
