@@ -1,0 +1,56 @@
+"""What every command-line script shares: logging, one-line errors and atomic output files.
+
+Scripts run as `python scripts/<name>.py`, so this module is importable as `cli_utils`
+from any of them without touching sys.path.
+"""
+
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s"
+LOG_DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
+
+
+class ScriptError(Exception):
+    """A problem with the user's input: printed as one line, exit status 1."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+    """Run a script's `main` with logging set up; a ScriptError becomes `error: ...` and exit 1."""
+    logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, level=logging.INFO)
+    try:
+        main(argv)
+    except ScriptError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block completes.
+
+    A crash, an error or a full disk leaves any previous file at `path` untouched and no partial file.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ScriptError(f"output folder {str(target.parent)!r} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except OSError as err:
+        raise ScriptError(f"could not write {str(target)!r}: {err.strerror or err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
