@@ -1,0 +1,256 @@
+"""Shared machinery of extract_distilbert.py and extract.py: initialise a student from chosen teacher layers.
+
+Each script describes its model families as a `KeyTable` of (student key <- teacher key) templates;
+this module parses the flags, loads the teacher, expands the table over `--layers`, copies the tensors
+and writes the flat state dict that train.py's `--student_pretrained_weights` reads.
+"""
+
+import argparse
+import logging
+import sys
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+from cli_utils import ScriptError, atomic_output
+from safetensors.torch import save_file
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+logger = logging.getLogger("extraction")
+
+DEFAULT_LAYERS = (0, 2, 4, 7, 9, 11)
+KeyPair = tuple[str, str]  # (student key, teacher key)
+
+
+def same_name(key: str) -> KeyPair:
+    """A tensor that has the same name in student and teacher (same architecture, fewer layers)."""
+    return key, key
+
+
+def weight_and_bias(student: str, teacher: str | None = None) -> tuple[KeyPair, KeyPair]:
+    """Both parameters of a Linear or LayerNorm module; `teacher` defaults to the student's name."""
+    teacher = student if teacher is None else teacher
+    return (f"{student}.weight", f"{teacher}.weight"), (f"{student}.bias", f"{teacher}.bias")
+
+
+def same_name_modules(prefix: str, modules: Sequence[str]) -> tuple[KeyPair, ...]:
+    """Weight and bias of each module `prefix.<module>`, named alike in student and teacher."""
+    return tuple(pair for module in modules for pair in weight_and_bias(f"{prefix}.{module}"))
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """Which teacher tensor initialises which student tensor, for one teacher -> student family.
+
+    Templates in `layer` contain `{layer}`: the student layer index in the student key, the index of the
+    teacher layer it copies in the teacher key. Every other entry names a tensor outside the layer stack.
+
+    Attributes:
+        model_type: the teacher's `config.model_type`; any other teacher is refused.
+        teacher_class: the transformers class that loads the teacher with its LM head.
+        embeddings: pairs copied once, before the layers.
+        layer: pairs copied once per chosen teacher layer.
+        head: pairs of the LM head, copied once.
+        vocab_transform: head pairs copied only with `--vocab_transform`.
+    """
+
+    model_type: str
+    teacher_class: type[PreTrainedModel]
+    embeddings: tuple[KeyPair, ...]
+    layer: tuple[KeyPair, ...]
+    head: tuple[KeyPair, ...]
+    vocab_transform: tuple[KeyPair, ...] = ()
+
+    def key_pairs(self, layers: Sequence[int], vocab_transform: bool) -> list[KeyPair]:
+        """Expand the templates: teacher layer `layers[s]` becomes student layer `s`."""
+        pairs = list(self.embeddings)
+        for student_idx, teacher_idx in enumerate(layers):
+            pairs += [(s.format(layer=student_idx), t.format(layer=teacher_idx)) for s, t in self.layer]
+        pairs += self.head
+        if vocab_transform:
+            pairs += self.vocab_transform
+        return pairs
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors end like every other error of the scripts: the usage, then one `error: ...` line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise ScriptError(message)
+
+
+def build_parser(
+    description: str, model_types: Sequence[str], default_names: Mapping[str, str]
+) -> argparse.ArgumentParser:
+    """The [F] flags shared by both extraction scripts, plus `--layers`.
+
+    Args:
+        description: what the script extracts, for `--help`.
+        model_types: the `--model_type` choices; the first one is the default.
+        default_names: `--model_name` used when the flag is absent, per model type.
+    """
+    parser = _ArgumentParser(description=description)
+    parser.add_argument(
+        "--model_type", default=model_types[0], choices=model_types, help="teacher family (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--model_name",
+        default=None,
+        help="teacher: a hub name or a local save_pretrained directory "
+        f"(default per type: {', '.join(f'{k}: {v}' for k, v in default_names.items())})",
+    )
+    parser.add_argument(
+        "--dump_checkpoint",
+        default=None,
+        help="output file; a name ending in .safetensors is written as safetensors, anything else with "
+        "torch.save (default: serialization_dir/tf_<last part of the model name>_<layers>.pth, e.g. "
+        f"serialization_dir/tf_{default_names[model_types[0]]}_0247911.pth)",
+    )
+    parser.add_argument(
+        "--vocab_transform",
+        action="store_true",
+        help="also copy the MLM head's prediction transform (dense + LayerNorm); without it the student "
+        "keeps its own random transform (no effect for gpt2, whose head has none)",
+    )
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_LAYERS),
+        metavar="LAYER",
+        help="teacher layers that become student layers 0, 1, ... (default: %(default)s)",
+    )
+    return parser
+
+
+def resolve_defaults(args: argparse.Namespace, default_names: Mapping[str, str]) -> None:
+    """Fill `--model_name` and `--dump_checkpoint` when absent; the defaults depend on other flags."""
+    if args.model_name is None:
+        args.model_name = default_names[args.model_type]
+    if args.dump_checkpoint is None:
+        layer_tag = "".join(str(idx) for idx in args.layers)
+        args.dump_checkpoint = f"serialization_dir/tf_{Path(args.model_name).name}_{layer_tag}.pth"
+
+
+def check_layers(layers: Sequence[int], n_teacher_layers: int) -> None:
+    """Refuse layer indices the teacher does not have, and a layer chosen twice."""
+    bad = [idx for idx in layers if not 0 <= idx < n_teacher_layers]
+    if bad:
+        raise ScriptError(
+            f"--layers {' '.join(map(str, bad))} out of range: the teacher has {n_teacher_layers} layers, "
+            f"choose indices from 0 to {n_teacher_layers - 1}"
+        )
+    repeated = sorted({idx for idx in layers if layers.count(idx) > 1})
+    if repeated:
+        raise ScriptError(f"--layers repeats {' '.join(map(str, repeated))}: each teacher layer may be chosen once")
+
+
+def _first_line(err: Exception) -> str:
+    """The gist of a library error, for a one-line message."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names that cannot be hub ids, so a missing directory is reported as such."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def load_teacher_config(name: str, model_type: str) -> PretrainedConfig:
+    """Load the teacher's config, refusing a missing directory and a teacher of another family."""
+    is_local = Path(name).exists()
+    if not is_local and _looks_like_path(name):
+        raise ScriptError(f"--model_name {name!r}: no such teacher directory")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        where = "" if is_local else "no local directory of that name, and from the hub: "
+        reason = f"{where}{_first_line(err)}"
+        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's config ({reason})") from err
+    if config.model_type != model_type:
+        raise ScriptError(
+            f"--model_name {name!r} is a {config.model_type!r} model, not a {model_type!r} teacher "
+            f"as --model_type {model_type} says"
+        )
+    return config
+
+
+def load_teacher(name: str, table: KeyTable, config: PretrainedConfig, needed: Collection[str]) -> PreTrainedModel:
+    """Load the teacher's weights; a tensor we copy that the checkpoint lacks would be random, so refuse it."""
+    try:
+        teacher, info = table.teacher_class.from_pretrained(name, config=config, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's weights ({_first_line(err)})") from err
+    uninitialised = sorted(set(needed) & set(info["missing_keys"]))
+    if uninitialised:
+        raise ScriptError(
+            f"--model_name {name!r}: the checkpoint lacks {len(uninitialised)} tensor(s) to transfer, "
+            f"e.g. {uninitialised[0]!r} (is it a {table.teacher_class.__name__} checkpoint?)"
+        )
+    return teacher
+
+
+def transfer(teacher_state: Mapping[str, torch.Tensor], pairs: Sequence[KeyPair]) -> dict[str, torch.Tensor]:
+    """Copy each teacher tensor under its student key.
+
+    Copies are contiguous and own their storage: tied teacher weights (embeddings = decoder) become
+    independent tensors, which safetensors requires, and torch.save writes no teacher storage beyond them.
+
+    Args:
+        teacher_state: the teacher's state dict.
+        pairs: (student key, teacher key) pairs, from `KeyTable.key_pairs`.
+
+    Returns:
+        The student state dict, in the order of `pairs`.
+    """
+    absent = [teacher_key for _, teacher_key in pairs if teacher_key not in teacher_state]
+    if absent:
+        raise ScriptError(f"the teacher has no tensor {absent[0]!r} ({len(absent)} expected tensor(s) absent)")
+    return {
+        student_key: teacher_state[teacher_key].detach().clone(memory_format=torch.contiguous_format)
+        for student_key, teacher_key in pairs
+    }
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str) -> None:
+    """Write `state` atomically: safetensors for a `.safetensors` name, torch.save otherwise.
+
+    The output folder is created (the original README writes to serialization_dir/, which a fresh
+    checkout lacks), but only here, once everything that can fail before writing has succeeded.
+    """
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ScriptError(f"--dump_checkpoint {path!r}: cannot create its folder ({err.strerror or err})") from err
+    with atomic_output(target) as tmp:
+        if target.suffix == ".safetensors":
+            save_file(state, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(state, tmp)
+
+
+def extract(args: argparse.Namespace, tables: Mapping[str, KeyTable]) -> None:
+    """Build the student state dict the flags ask for and write it to `--dump_checkpoint`.
+
+    Everything that can fail (config, family, layers, weights, keys) is checked before the output is written.
+
+    Args:
+        args: parsed flags with `resolve_defaults` applied.
+        tables: the script's key table per `--model_type`.
+    """
+    table = tables[args.model_type]
+    config = load_teacher_config(args.model_name, table.model_type)
+    check_layers(args.layers, config.num_hidden_layers)
+    if args.vocab_transform and not table.vocab_transform:
+        logger.warning("--vocab_transform has no effect for %s: its LM head has no transform", args.model_type)
+    pairs = table.key_pairs(args.layers, args.vocab_transform)
+    teacher = load_teacher(args.model_name, table, config, [teacher_key for _, teacher_key in pairs])
+    state = transfer(teacher.state_dict(), pairs)
+    save_state_dict(state, args.dump_checkpoint)
+    n_params = sum(tensor.numel() for tensor in state.values())
+    logger.info("%d layers selected for distillation: teacher layers %s", len(args.layers), args.layers)
+    logger.info("Number of tensors transferred for distillation: %d (%.1fM values)", len(state), n_params / 1e6)
+    logger.info("Saved the transferred checkpoint to %s", args.dump_checkpoint)
