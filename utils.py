@@ -1,6 +1,16 @@
-"""Shared leaf helpers: logging, the user-error type, process-group set-up, seeding, git provenance."""
+"""Shared leaf helpers: logging, the error types, process-group set-up, seeding, git provenance, atomic writes."""
 
+import json
 import logging
+import os
+import random
+import tempfile
+from argparse import Namespace
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s"
 LOG_DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
@@ -13,5 +23,176 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, level=level)
 
 
+IGNORE_INDEX = -100  # label of positions with nothing to predict (torch's cross_entropy default)
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """{role name: id} of a tokenizer's special tokens, e.g. {"cls_token": 101, "mask_token": 103, ...}."""
+    return {
+        role: tokenizer.convert_tokens_to_ids(token)
+        for role, token in tokenizer.special_tokens_map.items()
+        if isinstance(token, str)
+    }
+
+
 class UserError(Exception):
     """A problem with the user's flags, files or models: reported as one line, exit status 1."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; raised before the optimizer step, so weights stay the last good ones.
+
+    Args:
+        step: the training iteration (micro-batch count) at which the check ran.
+        term: the loss term that is not finite, e.g. `loss_ce`, or `loss` for the weighted total.
+    """
+
+    def __init__(self, step: int, term: str):
+        super().__init__(
+            f"{term} is not finite at iteration {step}; stopped before the optimizer step, "
+            "so the weights and the checkpoints on disk are the last good ones"
+        )
+        self.step = step
+        self.term = term
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it to `path`.
+
+    A crash or an error inside `write` leaves any previous file at `path` untouched and no partial file.
+    """
+    target = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Write `obj` as indented JSON, atomically; values JSON cannot hold (devices, paths) become strings."""
+
+    def dump(tmp: Path) -> None:
+        tmp.write_text(json.dumps(obj, indent=4, default=str) + "\n", encoding="utf-8")
+
+    atomic_write(path, dump)
+
+
+def git_log(folder: str | os.PathLike, code_dir: str | os.PathLike | None = None) -> None:
+    """Write `folder/git_log.json` with the repository id, commit sha and branch of the code being run.
+
+    Provenance must never stop a run: outside a checkout, on a detached HEAD (branch null) or without
+    gitpython, the missing fields are null and a warning is logged.
+
+    Args:
+        folder: where git_log.json goes.
+        code_dir: a folder inside the repository to describe; default: the one holding this file.
+    """
+    repo_infos = {"repo_id": None, "repo_sha": None, "repo_branch": None}
+    code_dir = Path(code_dir or Path(__file__).resolve().parent)
+    try:
+        import git  # lazily: gitpython also needs a git executable, which a training box may lack
+    except ImportError as err:
+        logger.warning(f"git_log: gitpython is unavailable ({err}); recording no commit")
+    else:
+        try:
+            repo = git.Repo(code_dir, search_parent_directories=True)
+            repo_infos["repo_id"] = str(repo)
+            repo_infos["repo_sha"] = repo.head.object.hexsha
+            repo_infos["repo_branch"] = None if repo.head.is_detached else repo.active_branch.name
+        except (git.exc.GitError, ValueError, OSError) as err:
+            # ValueError: a repository without any commit has no HEAD object yet.
+            logger.warning(f"git_log: {code_dir} is not in a usable git checkout ({err!r}); recording what is known")
+    write_json(Path(folder) / "git_log.json", repo_infos)
+
+
+def _env_int(name: str) -> int | None:
+    """The integer value of environment variable `name`, or None when it is unset or empty."""
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else None
+
+
+def _first_set(*values: int | None, default: int) -> int:
+    """The first of `values` that is not None, else `default`."""
+    return next((value for value in values if value is not None), default)
+
+
+def init_gpu_params(params: Namespace) -> None:
+    """Read the launcher's environment, set the rank facts on `params` and start the process group.
+
+    The only place that reads RANK, LOCAL_RANK, WORLD_SIZE, ... and calls `init_process_group`:
+    - `--n_gpu 0`: CPU; one process, or several over gloo when a launcher sets WORLD_SIZE > 1.
+    - `--n_gpu 1`: one GPU, one process.
+    - `--n_gpu N > 1`: one GPU per process over NCCL; N must equal the launcher's WORLD_SIZE.
+    torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK) are read first;
+    the original's N_GPU_NODE, N_NODES and NODE_RANK only when torchrun's are missing; the local rank
+    falls back to `--local_rank` / `--local-rank` as passed by `torch.distributed.launch`.
+
+    Sets on `params`: world_size, global_rank, local_rank, n_gpu_per_node, n_nodes, node_id,
+    is_master (node 0, local rank 0), multi_gpu (more than one process), multi_node and device.
+
+    Raises:
+        UserError: when the flags and the launcher disagree, or a GPU is asked for and none is visible.
+    """
+    world_size = _first_set(_env_int("WORLD_SIZE"), default=1)
+    if params.n_gpu > 1 and world_size != params.n_gpu:
+        raise UserError(
+            f"--n_gpu {params.n_gpu} needs one process per GPU, but the launcher started WORLD_SIZE={world_size}; "
+            f"run under `torchrun --nproc_per_node {params.n_gpu} train.py ...` or pass --n_gpu equal to WORLD_SIZE"
+        )
+    if params.n_gpu == 1 and world_size > 1:
+        raise UserError(
+            f"--n_gpu 1 but the launcher started WORLD_SIZE={world_size} processes; pass --n_gpu {world_size}"
+        )
+    if params.n_gpu > 0 and torch.cuda.device_count() == 0:
+        raise UserError(f"--n_gpu {params.n_gpu} but no CUDA device is visible; use --n_gpu 0 to train on CPU")
+
+    global_rank = _first_set(_env_int("RANK"), default=0)
+    local_rank = _first_set(_env_int("LOCAL_RANK"), None if params.local_rank < 0 else params.local_rank, default=0)
+    n_per_node = _first_set(_env_int("LOCAL_WORLD_SIZE"), _env_int("N_GPU_NODE"), default=world_size)
+    n_nodes = _first_set(_env_int("N_NODES"), default=max(world_size // n_per_node, 1))
+    node_id = _first_set(_env_int("GROUP_RANK"), _env_int("NODE_RANK"), default=global_rank // n_per_node)
+    if n_nodes * n_per_node != world_size:
+        raise UserError(
+            f"the launcher's layout is inconsistent: {n_nodes} node(s) x {n_per_node} process(es) per node "
+            f"!= WORLD_SIZE={world_size}; check N_NODES / N_GPU_NODE or the launcher's --nnodes/--nproc_per_node"
+        )
+
+    params.world_size = world_size
+    params.global_rank = global_rank
+    params.local_rank = local_rank
+    params.n_gpu_per_node = n_per_node
+    params.n_nodes = n_nodes
+    params.node_id = node_id
+    params.is_master = node_id == 0 and local_rank == 0
+    params.multi_gpu = world_size > 1
+    params.multi_node = n_nodes > 1
+    if params.n_gpu > 0:
+        torch.cuda.set_device(local_rank)
+        params.device = torch.device("cuda", local_rank)
+    else:
+        params.device = torch.device("cpu")
+
+    logger.info(
+        f"--- Global rank {global_rank} / world size {world_size} - node {node_id} of {n_nodes} "
+        f"- local rank {local_rank} of {n_per_node} - master: {params.is_master} - multi-process: "
+        f"{params.multi_gpu} - multi-node: {params.multi_node} - device: {params.device}"
+    )
+    if params.multi_gpu:
+        backend = "nccl" if params.n_gpu > 0 else "gloo"
+        logger.info(f"Initializing the {backend} process group (MASTER_ADDR/MASTER_PORT from the environment)")
+        torch.distributed.init_process_group(
+            backend=backend, init_method="env://", rank=global_rank, world_size=world_size
+        )
+
+
+def set_seed(params: Namespace) -> None:
+    """Seed Python, numpy and torch (and every CUDA device when GPUs are used) with `params.seed`."""
+    random.seed(params.seed)
+    np.random.seed(params.seed)
+    torch.manual_seed(params.seed)
+    if params.n_gpu > 0:
+        torch.cuda.manual_seed_all(params.seed)

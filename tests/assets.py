@@ -139,3 +139,70 @@ def build_teacher(kind: str, out_dir: Path, tokenizer_dir: Path, n_layers: int =
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# ---- Helpers for the training tests (distiller, train CLI, distributed) ----
+
+_DROPOUT_ATTRIBUTES = (
+    "dropout", "attention_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "seq_classif_dropout", "qa_dropout",
+)
+
+
+def without_dropout(config):
+    """`config` with every dropout probability set to 0, so that a training step is deterministic."""
+    for name in _DROPOUT_ATTRIBUTES:
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    return config
+
+
+def make_sequences(n: int, length: int, vocab_size: int, start_id: int, end_id: int, low_id: int = 5, seed: int = 0):
+    """`n` uint16 sequences of exactly `length` ids: start marker, random ids in [low_id, vocab_size), end marker."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    body = rng.integers(low_id, vocab_size, size=(n, length - 2))
+    return [np.array([start_id, *row, end_id], dtype=np.uint16) for row in body]
+
+
+def distiller_params(dump_path, student_type: str = "gpt2", teacher_type: str = "gpt2", **overrides):
+    """train.py's namespace for a single CPU process, with the fields init_gpu_params and main would add.
+
+    Flags are train.py's defaults unless given in `overrides` (as attribute names).
+    """
+    import torch
+    from train import build_parser
+
+    params = build_parser().parse_args(
+        [
+            "--dump_path", str(dump_path), "--data_file", "unused", "--student_config", "unused",
+            "--student_type", student_type, "--teacher_type", teacher_type, "--teacher_name", "unused",
+            "--n_gpu", "0",
+        ]
+    )
+    params.is_master = True
+    params.multi_gpu = False
+    params.multi_node = False
+    params.world_size = 1
+    params.global_rank = 0
+    params.local_rank = 0
+    params.n_gpu_per_node = 1
+    params.n_nodes = 1
+    params.node_id = 0
+    params.device = torch.device("cpu")
+    params.max_model_input_size = MAX_LEN
+    for name, value in overrides.items():
+        setattr(params, name, value)
+    return params
+
+
+def tiny_model(kind: str, role: str, vocab_size: int, seed: int = 0, hidden: int = 16):
+    """A one-layer model of family `kind` in the `role` "student" or "teacher", no dropout, hidden states on."""
+    import torch
+
+    make_config = student_config if role == "student" else teacher_config
+    config = without_dropout(make_config(kind, vocab_size, n_layers=1, hidden=hidden))
+    config.output_hidden_states = True
+    torch.manual_seed(seed)
+    return MODEL_CLASSES[kind](config)

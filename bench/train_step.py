@@ -1,0 +1,213 @@
+"""Throughput and peak memory of one distillation training step (`Distiller.step`, MLM, DistilBERT recipe).
+
+Usage, from the repository root:
+    python -m bench.train_step                 # CPU (scaled-down models), plus real shapes on CUDA if present
+    python -m bench.train_step --skip_cpu --peak_tflops 989
+
+CPU: a BERT teacher and DistilBERT student with the real vocabulary (30522) but scaled-down depth and
+width (printed), at sequence lengths 128 and 512, fp32. CUDA: the real DistilBERT shapes (12-layer
+768-wide BERT teacher, 6-layer student) in bf16, with model FLOPs utilisation against --peak_tflops
+(default: H200 dense bf16, ~989 TFLOP/s).
+
+Each measured step is the real training path: prepare_batch_mlm (masking on the host) -> teacher
+forward -> student forward/backward -> clip, AdamW step, schedule. FLOPs count the matmuls only
+(teacher forward + student forward and backward = 3x forward); the loss and softmax work is extra.
+"""
+
+import argparse
+import resource
+import threading
+import time
+from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import torch
+from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+from distiller import Distiller
+from lm_seqs_dataset import LmSeqsDataset
+from train import build_parser
+
+VOCAB_SIZE = 30522
+SPECIAL_TOK_IDS = {"pad_token": 0, "unk_token": 100, "cls_token": 101, "sep_token": 102, "mask_token": 103}
+
+
+@dataclass
+class Shape:
+    """Model sizes of one benchmark setting."""
+
+    hidden: int
+    heads: int
+    teacher_layers: int
+    student_layers: int
+    max_positions: int = 512
+
+    def describe(self) -> str:
+        return (
+            f"teacher BERT {self.teacher_layers}x{self.hidden} / student DistilBERT "
+            f"{self.student_layers}x{self.hidden}, {self.heads} heads, FFN {4 * self.hidden}, vocab {VOCAB_SIZE}"
+        )
+
+
+CPU_SHAPE = Shape(hidden=256, heads=4, teacher_layers=4, student_layers=2)
+REAL_SHAPE = Shape(hidden=768, heads=12, teacher_layers=12, student_layers=6)
+
+
+def build_models(shape: Shape) -> tuple[DistilBertForMaskedLM, BertForMaskedLM]:
+    """Randomly initialised student and teacher of `shape`, hidden states on (the cosine loss needs them)."""
+    teacher = BertForMaskedLM(
+        BertConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=shape.hidden, num_hidden_layers=shape.teacher_layers,
+            num_attention_heads=shape.heads, intermediate_size=4 * shape.hidden,
+            max_position_embeddings=shape.max_positions, output_hidden_states=True,
+        )
+    )
+    student = DistilBertForMaskedLM(
+        DistilBertConfig(
+            vocab_size=VOCAB_SIZE, dim=shape.hidden, n_layers=shape.student_layers, n_heads=shape.heads,
+            hidden_dim=4 * shape.hidden, max_position_embeddings=shape.max_positions, sinusoidal_pos_embds=True,
+            output_hidden_states=True,
+        )
+    )
+    return student, teacher
+
+
+def forward_flops_per_token(n_layers: int, hidden: int, seq_len: int) -> int:
+    """Matmul FLOPs of one forward pass per token: projections, FFN, attention scores/values, MLM head."""
+    layers = n_layers * (2 * 12 * hidden**2 + 2 * 2 * seq_len * hidden)
+    head = 2 * hidden**2 + 2 * hidden * VOCAB_SIZE
+    return layers + head
+
+
+def bench_params(device: torch.device, batch_size: int, seq_len: int, bf16: bool) -> Namespace:
+    """train.py's namespace for the DistilBERT recipe in one non-writing process (is_master False)."""
+    params = build_parser().parse_args(
+        [
+            "--dump_path", "unused", "--data_file", "unused", "--student_type", "distilbert",
+            "--student_config", "unused", "--teacher_type", "bert", "--teacher_name", "unused", "--mlm",
+            "--alpha_ce", "5.0", "--alpha_mlm", "2.0", "--alpha_cos", "1.0", "--alpha_clm", "0.0",
+            "--batch_size", str(batch_size), "--gradient_accumulation_steps", "1", "--group_by_size",
+        ]
+    )
+    params.bf16 = bf16
+    params.n_gpu = 1 if device.type == "cuda" else 0
+    params.device = device
+    params.is_master = False  # no tensorboard, no checkpoints
+    params.multi_gpu = params.multi_node = False
+    params.world_size, params.global_rank, params.local_rank = 1, 0, 0
+    params.special_tok_ids = SPECIAL_TOK_IDS
+    params.max_model_input_size = seq_len
+    return params
+
+
+def synthetic_data(n: int, seq_len: int, seed: int = 0) -> list[np.ndarray]:
+    """`n` sequences of exactly `seq_len` ids: [CLS] random word-piece ids [SEP]."""
+    rng = np.random.default_rng(seed)
+    body = rng.integers(1000, VOCAB_SIZE, size=(n, seq_len - 2))
+    return [np.array([101, *row, 102], dtype=np.uint16) for row in body]
+
+
+@contextmanager
+def peak_rss_sampler(period_s: float = 0.002) -> Iterator[dict[str, int]]:
+    """Sample this process's resident memory in a thread; yields a dict whose "peak" is filled on exit."""
+    process, stats, done = psutil.Process(), {"peak": 0}, threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            stats["peak"] = max(stats["peak"], process.memory_info().rss)
+            time.sleep(period_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield stats
+    finally:
+        done.set()
+        thread.join()
+
+
+def run_setting(shape: Shape, device: torch.device, batch_size: int, seq_len: int, bf16: bool, warmup: int,
+                iters: int) -> dict[str, float]:
+    """Time `iters` Distiller steps after `warmup`; returns tokens/s, seconds per step and peak memory (MB)."""
+    torch.manual_seed(0)
+    student, teacher = build_models(shape)
+    params = bench_params(device, batch_size, seq_len, bf16)
+    dataset = LmSeqsDataset(params, synthetic_data(batch_size * (warmup + iters), seq_len))
+    counts = np.ones(VOCAB_SIZE)
+    token_probs = torch.from_numpy(counts**-0.7).float()
+    token_probs[list(SPECIAL_TOK_IDS.values())] = 0.0
+    distiller = Distiller(params, dataset, token_probs, student, teacher)
+    batches = [dataset.batch_sequences([dataset[i] for i in range(b * batch_size, (b + 1) * batch_size)])
+               for b in range(warmup + iters)]
+
+    def one_step(batch) -> None:
+        input_ids, attention_mask, labels = (t.to(device) for t in distiller.prepare_batch_mlm(batch))
+        distiller.step(input_ids=input_ids, attention_mask=attention_mask, lm_labels=labels)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for batch in batches[:warmup]:
+        one_step(batch)
+    synchronize()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with peak_rss_sampler() as rss:
+        start = time.perf_counter()
+        for batch in batches[warmup:]:
+            one_step(batch)
+        synchronize()
+        elapsed = time.perf_counter() - start
+    distiller.last_loss.item()  # the step really finished and produced a number
+    peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss["peak"]) / 2**20
+    tokens = batch_size * seq_len * iters
+    return {"tokens_per_s": tokens / elapsed, "s_per_step": elapsed / iters, "peak_mb": peak_mb}
+
+
+def report(shape: Shape, device: torch.device, settings: list[tuple[int, int]], bf16: bool, args) -> None:
+    """Run and print every (batch size, sequence length) setting of one device."""
+    precision = "bf16 autocast" if bf16 else "fp32"
+    print(f"\n== {device.type.upper()}: {shape.describe()}; {precision}; "
+          f"{args.warmup} warm-up + {args.iters} timed steps")
+    memory_kind = "peak allocated" if device.type == "cuda" else "peak process RSS"
+    header = f"{'seq_len':>7} {'batch':>5} {'tokens/s':>10} {'s/step':>8} {memory_kind + ' (MB)':>24}"
+    print(header + (f" {'TFLOP/s':>8} {'MFU':>6}" if device.type == "cuda" else ""))
+    for batch_size, seq_len in settings:
+        result = run_setting(shape, device, batch_size, seq_len, bf16, args.warmup, args.iters)
+        line = (f"{seq_len:>7} {batch_size:>5} {result['tokens_per_s']:>10.0f} {result['s_per_step']:>8.3f} "
+                f"{result['peak_mb']:>24.0f}")
+        if device.type == "cuda":
+            flops_per_token = forward_flops_per_token(shape.teacher_layers, shape.hidden, seq_len) + 3 * (
+                forward_flops_per_token(shape.student_layers, shape.hidden, seq_len)
+            )
+            achieved = flops_per_token * result["tokens_per_s"] / 1e12
+            line += f" {achieved:>8.1f} {achieved / args.peak_tflops:>6.1%}"
+        print(line, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=5, help="Timed steps per setting.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per setting.")
+    parser.add_argument("--peak_tflops", type=float, default=989.0, help="Accelerator peak for MFU (H200 bf16 dense).")
+    parser.add_argument("--skip_cpu", action="store_true", help="Only the CUDA part.")
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"peak RSS before: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    if not args.skip_cpu:
+        report(CPU_SHAPE, torch.device("cpu"), [(8, 128), (2, 512)], bf16=False, args=args)
+    if torch.cuda.is_available():
+        print(f"CUDA device: {torch.cuda.get_device_name(0)}")
+        report(REAL_SHAPE, torch.device("cuda", 0), [(64, 128), (16, 512)], bf16=True, args=args)
+    else:
+        print("\nNo CUDA device: the real-shape bf16 / MFU part was skipped.")
+
+
+if __name__ == "__main__":
+    main()

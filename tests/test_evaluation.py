@@ -1,0 +1,107 @@
+"""evaluation.py: masked positions are seeded and shared across models; figures equal hand computations."""
+
+import math
+from argparse import Namespace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from evaluation import IGNORE_INDEX, build_eval_batches, evaluate_model, mask_for_evaluation
+from lm_seqs_dataset import LmSeqsDataset
+
+CLS, SEP, PAD, MASK, UNK = 2, 3, 0, 4, 1
+SPECIAL = torch.tensor([PAD, UNK, CLS, SEP, MASK])
+
+
+class FixedLogits(nn.Module):
+    """A stub LM whose logits at every position are a fixed table row chosen by the input id."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_masking_is_seeded_per_row_and_never_touches_special_or_padding():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (64, 40))
+    lengths = torch.randint(14, 41, (64,))
+    ids[:, 0] = CLS
+    ids[torch.arange(64), lengths - 1] = SEP
+    ids[torch.arange(40) >= lengths[:, None]] = PAD
+    masked, labels = mask_for_evaluation(ids, lengths, SPECIAL, MASK, 0.15, generator)
+    targets = labels != IGNORE_INDEX
+    maskable = (torch.arange(40) < lengths[:, None]) & ~torch.isin(ids, SPECIAL)
+    assert not (targets & ~maskable).any()
+    assert torch.equal(targets.sum(1), torch.ceil(0.15 * maskable.sum(1)).long())
+    assert torch.equal(masked[targets], torch.full_like(masked[targets], MASK))
+    assert torch.equal(masked[~targets], ids[~targets])
+    assert torch.equal(labels[targets], ids[targets])
+    again, again_labels = mask_for_evaluation(ids, lengths, SPECIAL, MASK, 0.15, torch.Generator().manual_seed(0))
+    assert torch.equal(again, masked) and torch.equal(again_labels, labels)
+    other, _ = mask_for_evaluation(ids, lengths, SPECIAL, MASK, 0.15, torch.Generator().manual_seed(1))
+    assert not torch.equal(other, masked)
+
+
+def _dataset(mlm: bool) -> LmSeqsDataset:
+    rng = np.random.default_rng(0)
+    start, end = (CLS, SEP) if mlm else (CLS, CLS)
+    data = [np.array([start, *rng.integers(5, 12, size=n), end], dtype=np.uint16) for n in (12, 15, 20, 13, 30)]
+    special = {"cls_token": CLS, "sep_token": SEP, "pad_token": PAD, "mask_token": MASK, "unk_token": UNK}
+    if not mlm:
+        special = {"bos_token": CLS, "eos_token": CLS, "unk_token": UNK}
+    return LmSeqsDataset(Namespace(max_model_input_size=64, mlm=mlm, special_tok_ids=special, is_master=True), data)
+
+
+def test_batches_are_identical_across_builds_with_the_same_seed():
+    dataset = _dataset(mlm=True)
+    first = build_eval_batches(dataset, 2, True, SPECIAL.tolist(), MASK, seed=3)
+    second = build_eval_batches(dataset, 2, True, SPECIAL.tolist(), MASK, seed=3)
+    assert len(first) == 3
+    for a, b in zip(first, second):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _reference(table_s, table_t, batches, shift):
+    """Slow per-position reference of every figure."""
+    nll = correct = agree = kl = 0.0
+    n = 0
+    for input_ids, _, labels in batches:
+        for row in range(input_ids.size(0)):
+            for pos in range(input_ids.size(1) - shift):
+                label = labels[row, pos + shift].item()
+                if label == IGNORE_INDEX:
+                    continue
+                s = table_s[input_ids[row, pos]].double()
+                t = table_t[input_ids[row, pos]].double()
+                log_s = s - torch.logsumexp(s, 0)
+                log_t = t - torch.logsumexp(t, 0)
+                nll -= log_s[label].item()
+                correct += int(s.argmax().item() == label)
+                agree += int(s.argmax().item() == t.argmax().item())
+                kl += (log_t.exp() * (log_t - log_s)).sum().item()
+                n += 1
+    return {"loss": nll / n, "accuracy": correct / n, "teacher_agreement": agree / n, "teacher_kl": kl / n, "n_targets": n}
+
+
+@pytest.mark.parametrize("mlm", [True, False])
+def test_figures_equal_a_hand_computation(mlm):
+    torch.manual_seed(0)
+    table_s, table_t = torch.randn(12, 12), torch.randn(12, 12)
+    table_t[:, 7] += 2.0  # a teacher with an opinion, so agreement is neither 0 nor 1
+    batches = build_eval_batches(_dataset(mlm), 2, mlm, SPECIAL.tolist(), MASK if mlm else None, seed=0)
+    student, teacher = FixedLogits(table_s), FixedLogits(table_t)
+    got = evaluate_model(student, batches, mlm, teacher)
+    want = _reference(table_s, table_t, batches, shift=0 if mlm else 1)
+    assert got["n_targets"] == want["n_targets"] > 0
+    for key in ("loss", "accuracy", "teacher_agreement", "teacher_kl"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["perplexity"] == pytest.approx(math.exp(want["loss"]), rel=1e-5)
+    assert student.calls == teacher.calls == len(batches)
