@@ -1,0 +1,219 @@
+"""scripts/token_counts.py and the safe loader it uses (token_data.load_token_id_arrays)."""
+
+import os
+import pickle
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import token_counts
+from cli_utils import ScriptError
+from token_data import TokenDataError, load_token_id_arrays
+from token_counts import count_tokens
+
+VOCAB_SIZE = 500
+
+
+def random_sequences(seed: int, n: int = 300, vocab_size: int = VOCAB_SIZE, dtype=np.uint16) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, size=rng.integers(1, 40)).astype(dtype) for _ in range(n)]
+
+
+def slow_counts(sequences: list[np.ndarray], vocab_size: int) -> list[int]:
+    """Reference: one Python loop over every id."""
+    counter = Counter(int(i) for seq in sequences for i in seq)
+    return [counter.get(i, 0) for i in range(vocab_size)]
+
+
+class Payload:
+    """Unpickling this runs `command` through os.system: what a poisoned data file would do."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class NumpyOnePickler(pickle._Pickler):
+    """Writes arrays the way numpy 1.x did, naming numpy.core.multiarray instead of numpy._core."""
+
+    def save_global(self, obj, name=None):
+        if obj is np._core.multiarray._reconstruct:
+            self.save("numpy.core.multiarray")
+            self.save("_reconstruct")
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            super().save_global(obj, name)
+
+
+def dump(path: Path, obj: object, protocol: int = 4) -> Path:
+    with open(path, "wb") as handle:
+        pickle.dump(obj, handle, protocol=protocol)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    """Data files token_counts.py must refuse, and the file the malicious ones would create."""
+    root = tmp_path_factory.mktemp("bad")
+    marker = root / "pwned"
+    good = random_sequences(1, n=5)
+    text = root / "text.pickle"
+    text.write_text("this is not a pickle\n")
+    truncated = root / "truncated.pickle"
+    truncated.write_bytes(pickle.dumps(good, protocol=4)[:-20])
+    return {
+        "dict": dump(root / "dict.pickle", {"ids": good}),
+        "floats": dump(root / "floats.pickle", [seq.astype(np.float32) for seq in good]),
+        "lists": dump(root / "lists.pickle", [seq.tolist() for seq in good]),
+        "2d": dump(root / "2d.pickle", [np.zeros((2, 3), dtype=np.uint16)]),
+        "text": text,
+        "truncated": truncated,
+        "os_system": dump(root / "os_system.pickle", Payload(f"touch {marker}")),
+        "late_payload": dump(root / "late_payload.pickle", [*good, Payload(f"touch {marker}")]),
+        "missing": root / "missing.pickle",
+        "_marker": marker,
+    }
+
+
+def run_script(repo_root: Path, cwd: Path, *args: str) -> subprocess.Popen:
+    command = [sys.executable, str(repo_root / "scripts" / "token_counts.py"), *args]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, repo_root, bad_files):
+    """Every CLI case started at once from a folder that is not the repository; {case: (result, output)}."""
+    root = tmp_path_factory.mktemp("runs")
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    sequences = random_sequences(0) + random_sequences(1, dtype=np.int32)
+    data = dump(root / "data.pickle", sequences)
+    cases = {"ok": [str(data)], "out_of_range": [str(data), "--vocab_size", "300"]}
+    cases.update({name: [str(path)] for name, path in bad_files.items() if not name.startswith("_")})
+    started = {}
+    for case, (data_file, *rest) in cases.items():
+        output = root / f"counts.{case}.pickle"
+        args = ["--data_file", data_file, "--token_counts_dump", str(output), "--vocab_size", str(VOCAB_SIZE), *rest]
+        started[case] = (run_script(repo_root, cwd, *args), output)
+    results = {}
+    for case, (process, output) in started.items():
+        stdout, stderr = process.communicate(timeout=60)
+        results[case] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), output)
+    results["ok"] += (sequences,)
+    return results
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in last
+
+
+def test_cli_counts_equal_a_slow_count(runs):
+    result, output, sequences = runs["ok"]
+    assert result.returncode == 0, result.stderr
+    with open(output, "rb") as handle:
+        counts = pickle.load(handle)
+    assert type(counts) is list and all(type(c) is int for c in counts)
+    assert counts == slow_counts(sequences, VOCAB_SIZE)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+@pytest.mark.parametrize("group, slice_", [(4096, 1 << 22), (7, 5), (1, 1000)])
+def test_count_tokens_equals_a_slow_count(monkeypatch, dtype, group, slice_):
+    sequences = random_sequences(2, dtype=dtype)
+    monkeypatch.setattr(token_counts, "_GROUP", group)  # groups and slices that end mid-way
+    monkeypatch.setattr(token_counts, "_SLICE", slice_)
+    assert count_tokens(sequences, VOCAB_SIZE) == slow_counts(sequences, VOCAB_SIZE)
+
+
+def test_count_tokens_mixed_dtypes_and_non_contiguous_arrays():
+    flat = np.arange(30, dtype=np.uint16)
+    sequences = [flat[::2], np.int32([1, 2, 2]), flat[3:9], np.uint16([])]
+    assert count_tokens(sequences, 30) == slow_counts(sequences, 30)
+    for same_dtype in ([flat[::3], flat[1:4]], [flat[2:5], flat[7:]]):  # views: strided, then contiguous
+        assert count_tokens(same_dtype, 30) == slow_counts(same_dtype, 30)
+
+
+def test_count_tokens_by_hand():
+    sequences = [np.array([2, 5, 5, 3], dtype=np.uint16), np.array([2, 3], dtype=np.uint16)]
+    assert count_tokens(sequences, 7) == [0, 0, 2, 2, 0, 2, 0]
+
+
+def test_out_of_range_id_names_the_largest_id(runs):
+    result, output = runs["out_of_range"][:2]
+    assert_one_line_error(result, "token id 499 (the largest id seen)", "--vocab_size is 300")
+    assert not output.exists()
+
+
+def test_negative_id_is_an_error():
+    with pytest.raises(ScriptError, match="negative token id"):
+        count_tokens([np.array([2, -1, 3], dtype=np.int32)], 10)
+
+
+def test_largest_id_is_named_even_past_the_first_bad_group(monkeypatch):
+    monkeypatch.setattr(token_counts, "_GROUP", 1)
+    sequences = [np.uint16([2, 3]), np.uint16([2, 12, 3]), np.uint16([2, 40, 3])]
+    with pytest.raises(ScriptError, match="token id 40 \\(the largest id seen\\)"):
+        count_tokens(sequences, 10)
+
+
+@pytest.mark.parametrize(
+    "case, fragments",
+    [
+        ("dict", ["it holds a dict"]),
+        ("floats", ["float32"]),
+        ("lists", ["its items are list"]),
+        ("2d", ["not all 1-D"]),
+        ("text", ["is not a list of token id arrays"]),
+        ("truncated", ["is not a list of token id arrays"]),
+        ("os_system", ["refusing to load", ".system"]),
+        ("late_payload", ["refusing to load", ".system"]),
+        ("missing", ["does not exist"]),
+    ],
+)
+def test_bad_data_file_is_a_one_line_error_and_writes_nothing(runs, bad_files, case, fragments):
+    result, output = runs[case][:2]
+    assert_one_line_error(result, str(bad_files[case].name), *fragments)
+    assert not output.exists()
+    assert [p.name for p in output.parent.iterdir() if p.name.startswith(".")] == []
+    assert not bad_files["_marker"].exists()
+
+
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_loader_accepts_what_binarized_data_and_the_original_wrote(tmp_path, protocol):
+    # The original stored np.uint16(list) per line; views of a larger array pickle their own ids only.
+    flat = np.arange(40, dtype=np.int32)
+    sequences = [np.uint16([2, 7, 3]), flat[5:9], np.arange(3, dtype=np.int64)]
+    loaded = load_token_id_arrays(dump(tmp_path / "data.pickle", sequences, protocol))
+    assert [(seq.dtype, seq.tolist()) for seq in loaded] == [(seq.dtype, seq.tolist()) for seq in sequences]
+
+
+def test_loader_accepts_numpy_1_pickles(tmp_path):
+    path = tmp_path / "numpy1.pickle"
+    with open(path, "wb") as handle:
+        NumpyOnePickler(handle, protocol=4).dump([np.uint16([2, 7, 3])])
+    assert b"numpy.core.multiarray" in path.read_bytes()
+    assert [seq.tolist() for seq in load_token_id_arrays(path)] == [[2, 7, 3]]
+
+
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ([np.array([1, "a"], dtype=object)], "dtype object"),
+        ([np.array([True, False])], "dtype bool"),
+        ([], "holds no sequences"),
+        ([np.uint16([1]), 3], "its items are int, ndarray"),
+    ],
+)
+def test_loader_refuses_other_contents(tmp_path, obj, message):
+    with pytest.raises(TokenDataError, match=message):
+        load_token_id_arrays(dump(tmp_path / "x.pickle", obj))
