@@ -3,17 +3,24 @@
 `Distiller.train()` reads top to bottom: batch -> prepare_batch -> step (forward, losses, backward,
 optimizer step at the accumulation boundary) -> log -> checkpoint. Only the master process writes
 to `dump_path`; the other processes get a do-nothing tensorboard writer.
+
+Runs survive interruptions: at every checkpoint and epoch end the master also writes
+`training_state.pth` (optimizer, schedule, scaler, counters, data position, every process's
+generator states), from which `Distiller(..., training_state=load_training_state(dump_path))`
+continues bit for bit; SIGTERM/SIGINT stop the run at the next optimizer step with that file saved.
 """
 
 import json
 import math
-import os
+import signal
 import tempfile
+import threading
 import time
 from argparse import Namespace
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import nullcontext
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +36,20 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
-from utils import IGNORE_INDEX, NonFiniteLossError, atomic_write, logger
+from utils import (
+    IGNORE_INDEX,
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    NonFiniteLossError,
+    TrainingInterrupted,
+    UserError,
+    atomic_write,
+    get_rng_states,
+    logger,
+    publish,
+    reported_as_write_error,
+    set_rng_states,
+)
 
 if TYPE_CHECKING:
     from lm_seqs_dataset import LmSeqsDataset
@@ -37,6 +57,10 @@ if TYPE_CHECKING:
 LOSS_TERMS = ("ce", "mlm", "clm", "mse", "cos")
 # Terms that compare with the teacher: when all of them weigh 0 the teacher is never run.
 TEACHER_TERMS = ("ce", "mse", "cos")
+
+# Everything a resume needs, beside the [F] checkpoints (which stay plain student state dicts).
+TRAINING_STATE = "training_state.pth"
+TRAINING_STATE_FORMAT = 1
 
 # Weight decay is decided by module type: the original matched the name `LayerNorm.weight`, which
 # missed DistilBERT's sa_layer_norm/output_layer_norm/vocab_layer_norm and GPT-2's ln_*.
@@ -231,21 +255,141 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _build_dataloader(params: Namespace, dataset: "LmSeqsDataset") -> tuple[Sampler, DataLoader]:
-    """Random (one process) or distributed sampler -> grouped or plain batch sampler -> DataLoader."""
+class EpochRandomSampler(RandomSampler):
+    """A RandomSampler whose order is a pure function of (seed, epoch), as DistributedSampler's is.
+
+    The original drew each epoch's order from the global generator, which a resumed run cannot
+    rebuild; here `set_epoch` reseeds a private generator with seed + epoch.
+    """
+
+    def __init__(self, data_source: Sized, seed: int):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass over the data the order of `epoch`."""
+        self.generator.manual_seed(self.seed + epoch)
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """The batches of `batch_sampler` for one epoch, without the first `skip`.
+
+    The epoch's order is a pure function of (seed, epoch), so a resumed run rebuilds the epoch it
+    stopped in and leaves out the batches it already trained on, without loading them.
+    """
+
+    def __init__(self, batch_sampler: Sampler[list[int]]):
+        self.batch_sampler = batch_sampler
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) - self.skip
+
+
+def _build_dataloader(params: Namespace, dataset: "LmSeqsDataset") -> tuple[Sampler, ResumableBatches, DataLoader]:
+    """Random (one process) or distributed sampler -> grouped or plain batch sampler -> DataLoader.
+
+    Nothing here draws from the global generators (the DataLoader takes its worker seed from a
+    private one), so they serve only masking and dropout, and a training state can restore them.
+    """
     if params.multi_gpu:
         sampler = DistributedSampler(
             dataset, num_replicas=params.world_size, rank=params.global_rank, seed=params.seed
         )
     else:
-        sampler = RandomSampler(dataset)
+        sampler = EpochRandomSampler(dataset, seed=params.seed)
     if params.group_by_size:
         groups = create_lengths_groups(lengths=dataset.lengths, k=params.max_model_input_size)
         batch_sampler = GroupedBatchSampler(sampler=sampler, group_ids=groups, batch_size=params.batch_size)
     else:
         batch_sampler = BatchSampler(sampler=sampler, batch_size=params.batch_size, drop_last=False)
-    dataloader = DataLoader(dataset=dataset, batch_sampler=batch_sampler, collate_fn=dataset.batch_sequences)
-    return sampler, dataloader
+    batches = ResumableBatches(batch_sampler)
+    dataloader = DataLoader(
+        dataset=dataset, batch_sampler=batches, collate_fn=dataset.batch_sequences, generator=torch.Generator()
+    )
+    return sampler, batches, dataloader
+
+
+def load_training_state(dump_path: str | Path) -> dict:
+    """Read `dump_path/training_state.pth` as `Distiller.save_training_state` wrote it.
+
+    Loaded with weights_only=True: tensors and plain containers only, nothing in the file can run.
+
+    Raises:
+        UserError: the file is missing, damaged, or not a training state of this format.
+    """
+    path = Path(dump_path) / TRAINING_STATE
+    if not path.is_file():
+        raise UserError(
+            f"{str(path)!r} does not exist: the run saved no training state yet (one is saved every "
+            "--checkpoint_interval iterations and at each epoch end); start it again with --force"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # A damaged or foreign file fails in many ways (UnpicklingError, RuntimeError, EOFError...); all mean the same.
+    except Exception as err:
+        raise UserError(f"{str(path)!r} is not a readable training state: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
+        raise UserError(f"{str(path)!r} is not a training state of format {TRAINING_STATE_FORMAT}")
+    return state
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT ask the training loop to stop at its next optimizer step.
+
+    Preemption (SLURM, Kubernetes, torchrun stopping its workers) sends SIGTERM and waits a grace
+    period before SIGKILL: the loop saves its training state at the next optimizer step and stops.
+    A second signal of the same kind gets the previous behaviour back (Ctrl-C twice: stop at once).
+    Handlers can only be installed from the main thread; elsewhere signals keep their behaviour.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = 0  # number of the last signal received; 0: none
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum in self.previous:
+            signal.signal(signum, self._previous_handler(signum))
+        self.previous = {}
+
+    def _previous_handler(self, signum: int) -> object:
+        """The handler before ours (one installed outside Python reads as None: the default)."""
+        handler = self.previous[signum]
+        return signal.SIG_DFL if handler is None else handler
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous_handler(signum))
+        logger.warning(
+            f"{signal.Signals(signum).name} received: stopping at the next optimizer step with the training "
+            "state saved (send it again to stop at once)"
+        )
+
+
+def _wait_to_name_after_existing_event_files(log_dir: Path) -> None:
+    """Wait, if need be, until the clock has passed the second the newest event file in `log_dir` was made.
+
+    Readers take a run's event files in name order, and a name is `events.out.tfevents.<second>.<host>.
+    <pid>...`: the resumed run's file, whose purge step hides what the interrupted run logged after its
+    training state, must sort after the interrupted run's. Within one second the pids decide, at random.
+    """
+    seconds = [int(path.name.split(".")[3]) for path in log_dir.glob("events.out.tfevents.*")]
+    delay = max(seconds, default=0) + 1 - time.time()
+    if delay > 2:
+        logger.warning(f"the clock is behind the event files in {log_dir}: tensorboard may show stale events")
+    elif delay > 0:
+        time.sleep(delay)
 
 
 class _NullWriter:
@@ -255,6 +399,9 @@ class _NullWriter:
         """Do nothing."""
 
     def add_text(self, *args, **kwargs) -> None:
+        """Do nothing."""
+
+    def flush(self) -> None:
         """Do nothing."""
 
     def close(self) -> None:
@@ -275,6 +422,8 @@ class Distiller:
             alone, the no-teacher baseline of the paper's ablation, at the cost of the student only.
         evaluator: called with the student every `params.eval_interval` iterations (0: never) and
             at each epoch end, on the master; its figures are logged as `eval/<name>`.
+        training_state: from `load_training_state`, to continue an interrupted run where it stopped
+            (with the same params); None starts from the beginning.
     """
 
     def __init__(
@@ -285,11 +434,15 @@ class Distiller:
         student: nn.Module,
         teacher: nn.Module | None,
         evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
+        training_state: dict | None = None,
     ):
         logger.info("Initializing Distiller")
         self.dump_path = Path(params.dump_path)
         self.is_master = params.is_master
         self.multi_gpu = params.multi_gpu
+        self.world_size = params.world_size
+        self.global_rank = params.global_rank
+        self.seed = params.seed
         self.device = torch.device(params.device)
         self.n_epoch = params.n_epoch
         self.gradient_accumulation_steps = params.gradient_accumulation_steps
@@ -303,7 +456,8 @@ class Distiller:
         self.active_terms = [term for term in LOSS_TERMS if self.alphas[term] > 0]
         self.params_text = json.dumps(vars(params), indent=4, default=str)
 
-        self.sampler, self.dataloader = _build_dataloader(params, dataset)
+        self.sampler, self.batches, self.dataloader = _build_dataloader(params, dataset)
+        self.batches_per_epoch = len(self.batches)
 
         self.mlm = params.mlm
         # Decided once: padding is the pad id for MLM and, as in the original, the unknown id for CLM.
@@ -332,7 +486,7 @@ class Distiller:
             betas=(0.9, 0.98),
         )
         self.num_train_optimization_steps = (
-            int(len(self.dataloader) / self.gradient_accumulation_steps * self.n_epoch) + 1
+            int(self.batches_per_epoch / self.gradient_accumulation_steps * self.n_epoch) + 1
         )
         self.num_warmup_steps = math.ceil(self.num_train_optimization_steps * params.warmup_prop)
         self.scheduler = get_linear_schedule_with_warmup(
@@ -353,13 +507,6 @@ class Distiller:
             self.autocast = nullcontext()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.fp16)
 
-        if self.multi_gpu:
-            logger.info("Using DistributedDataParallel for the student")
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student = DistributedDataParallel(self.raw_student, device_ids=device_ids)
-        else:
-            self.student = self.raw_student
-
         self.epoch = 0
         self.n_iter = 0  # micro-batches in the current epoch
         self.n_total_iter = 0  # micro-batches since the start: log and checkpoint intervals count these [F]
@@ -373,10 +520,30 @@ class Distiller:
         self.finite_terms = [f"loss_{term}" for term in self.active_terms] + ["loss"]
         self.window_finite = torch.ones(len(self.finite_terms), dtype=torch.bool, device=self.device)
         self.last_log = time.time()
+        self.window_start: dict | None = None  # resume point at the start of the current accumulation window
+        self.stop_signals = _StopSignals()
+        self.stop_signal = 0  # the signal every process agreed to stop on at the last optimizer step; 0: none
+        self.resumed = training_state is not None
+        self.rng_to_restore: dict | None = None
+        if self.resumed:
+            self._restore(training_state)
+
+        if self.multi_gpu:
+            logger.info("Using DistributedDataParallel for the student")
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student = DistributedDataParallel(self.raw_student, device_ids=device_ids)
+        else:
+            self.student = self.raw_student
 
         if self.is_master:
             logger.info("--- Initializing Tensorboard")
-            self.tensorboard = SummaryWriter(log_dir=str(self.dump_path / "log" / "train"), flush_secs=60)
+            log_dir = self.dump_path / "log" / "train"
+            purge_step = None
+            if self.resumed:
+                # Hide the events the interrupted run logged after its training state; they are logged again.
+                purge_step = self.n_total_iter + 1
+                _wait_to_name_after_existing_event_files(log_dir)
+            self.tensorboard = SummaryWriter(log_dir=str(log_dir), flush_secs=60, purge_step=purge_step)
         else:
             self.tensorboard = _NullWriter()
 
@@ -427,29 +594,50 @@ class Distiller:
         return token_ids, attention_mask, labels
 
     def train(self) -> None:
-        """Run `n_epoch` epochs over the data, then save the final student."""
+        """Run the epochs left (all, or from where a training state stopped), then save the final student.
+
+        At every checkpoint interval and epoch end the training state is saved too. SIGTERM or SIGINT
+        stop the run at the next optimizer step, after saving it.
+
+        Raises:
+            NonFiniteLossError: a loss term became NaN or infinite (before the optimizer step).
+            TrainingInterrupted: SIGTERM or SIGINT reached a process; the training state is saved.
+        """
         logger.info("Starting training")
-        self.log_config()
+        if not self.resumed:
+            self.log_config()
         self.student.train()
-        for _ in range(self.n_epoch):
-            logger.info(f"--- Starting epoch {self.epoch}/{self.n_epoch - 1}")
-            if isinstance(self.sampler, DistributedSampler):
-                self.sampler.set_epoch(self.epoch)  # a new shuffle every epoch, the same on every process
+        if self.rng_to_restore is not None:
+            set_rng_states(self.rng_to_restore, self.device)  # here, so that nothing draws before the first batch
+        with self.stop_signals:
+            for _ in range(self.epoch, self.n_epoch):
+                logger.info(f"--- Starting epoch {self.epoch}/{self.n_epoch - 1}")
+                self.sampler.set_epoch(self.epoch)  # the order: a function of (seed, epoch), the same on every process
+                self.batches.skip = self.n_iter  # > 0 only when resuming: batches already trained on
 
-            iter_bar = tqdm(self.dataloader, desc="-Iter", disable=not self.is_master)
-            for batch in iter_bar:
-                input_ids, attention_mask, lm_labels = (t.to(self.device) for t in self.prepare_batch(batch))
-                self.step(input_ids=input_ids, attention_mask=attention_mask, lm_labels=lm_labels)
-                if self.n_total_iter % self.log_interval == 0:
-                    self.log(iter_bar)
-                if self.n_total_iter % self.checkpoint_interval == 0:
-                    self.save_checkpoint("checkpoint.pth")
-                if self.eval_interval and self.n_total_iter % self.eval_interval == 0:
-                    self.evaluate()
-            iter_bar.close()
+                iter_bar = tqdm(
+                    self.dataloader, desc="-Iter", disable=not self.is_master, initial=self.n_iter,
+                    total=self.batches_per_epoch,
+                )
+                for batch in iter_bar:
+                    if self.n_total_iter % self.gradient_accumulation_steps == 0:
+                        self.window_start = self.resume_point()  # a save inside this window resumes from here
+                    input_ids, attention_mask, lm_labels = (t.to(self.device) for t in self.prepare_batch(batch))
+                    self.step(input_ids=input_ids, attention_mask=attention_mask, lm_labels=lm_labels)
+                    if self.n_total_iter % self.log_interval == 0:
+                        self.log(iter_bar)
+                    if self.n_total_iter % self.checkpoint_interval == 0 or self.stop_signal:
+                        self.save_checkpoint("checkpoint.pth")
+                        self.save_training_state()
+                    if self.eval_interval and self.n_total_iter % self.eval_interval == 0:
+                        self.evaluate()
+                    if self.stop_signal:
+                        raise TrainingInterrupted(self.stop_signal, self.n_total_iter, self.dump_path)
+                iter_bar.close()
 
-            logger.info(f"--- Ending epoch {self.epoch}/{self.n_epoch - 1}")
-            self.end_epoch()
+                logger.info(f"--- Ending epoch {self.epoch}/{self.n_epoch - 1}")
+                self.end_epoch()
+                self.save_training_state()
 
         logger.info("Save very last checkpoint as `pytorch_model.bin`.")
         self.save_checkpoint("pytorch_model.bin")
@@ -522,8 +710,8 @@ class Distiller:
         self.window_finite &= torch.isfinite(values)
 
     def optimize(self) -> None:
-        """At the accumulation boundary: finite check, unscale, clip, optimizer step, schedule step."""
-        self._check_finite()
+        """At the accumulation boundary: finite check and stop agreement, unscale, clip, optimizer and schedule step."""
+        self.stop_signal = self._check_finite_and_stop()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
         self.scaler.step(self.optimizer)
@@ -531,18 +719,24 @@ class Distiller:
         self.scheduler.step()
         self.n_optimizer_steps += 1
 
-    def _check_finite(self) -> None:
-        """Raise NonFiniteLossError on every process if any process saw a non-finite loss in this window.
+    def _check_finite_and_stop(self) -> int:
+        """Raise NonFiniteLossError on every process if any process saw a non-finite loss in this window;
+        else return the stop signal any process received (0: none), the same on every process.
 
-        The flags are all-reduced with MIN: a check on one process only would leave the others
-        waiting in the next collective.
+        Both travel in one MIN all-reduce, the one the finite check needs anyway (a check on one
+        process only would leave the others waiting in the next collective): the finite flags as
+        1/0, then the signal number negated. Every process thus stops at this same step, and no
+        collective is added per micro-batch.
         """
-        flags = self.window_finite.to(torch.int32)
+        received = torch.tensor([-self.stop_signals.received], dtype=torch.int32, device=self.device)
+        flags = torch.cat([self.window_finite.to(torch.int32), received])
         if self.multi_gpu:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        for term, finite in zip(self.finite_terms, flags.tolist()):
+        *finite_flags, negated_signal = flags.tolist()
+        for term, finite in zip(self.finite_terms, finite_flags):
             if not finite:
                 raise NonFiniteLossError(self.n_total_iter, term)
+        return -negated_signal
 
     def log(self, iter_bar: tqdm) -> None:
         """Write the tensorboard scalars of this iteration and refresh the progress bar (master only)."""
@@ -625,13 +819,112 @@ class Distiller:
         atomic_write(self.dump_path / checkpoint_name, partial(torch.save, self.raw_student.state_dict()))
 
     def save_pretrained(self) -> None:
-        """Save the student with `save_pretrained` (config + safetensors) in dump_path (master only)."""
+        """Save the student with `save_pretrained` (config + safetensors) in dump_path (master only).
+
+        Written in a temporary folder first, then each file renamed into place (fsynced): a crash
+        never leaves a half-written file under a final name.
+        """
         if not self.is_master:
             return
-        with tempfile.TemporaryDirectory(prefix=".save_pretrained.", dir=self.dump_path) as tmp:
+        with (
+            reported_as_write_error(self.dump_path),
+            tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}save_pretrained.", suffix=TMP_SUFFIX, dir=self.dump_path)
+            as tmp,
+        ):
             self.raw_student.save_pretrained(tmp)
             for file in Path(tmp).iterdir():
-                os.replace(file, self.dump_path / file.name)
+                publish(file, self.dump_path / file.name)
+
+    def resume_point(self) -> dict:
+        """Where a resumed run would start if the run stopped at this optimizer-step boundary.
+
+        Returns:
+            {"position": epoch and batches done in it, "counters": iteration, step and loss counters,
+            "rng": this process's generator states}.
+        """
+        return {
+            "position": {"epoch": self.epoch, "batches_done": self.n_iter},
+            "counters": {
+                "n_total_iter": self.n_total_iter,
+                "n_optimizer_steps": self.n_optimizer_steps,
+                "n_sequences_epoch": self.n_sequences_epoch,
+                "total_loss_epoch": self.total_loss_epoch.clone(),
+            },
+            "rng": get_rng_states(self.device),
+        }
+
+    def save_training_state(self) -> None:
+        """Write `training_state.pth` in dump_path: all a resumed run needs to continue bit for bit.
+
+        One file, written atomically by the master: the student's weights, optimizer, schedule,
+        grad scaler, counters, data position (epoch, batches done, sampler seed) and the generator
+        states of every process, gathered to the master: so every process must call it (a
+        collective). One file rather than one per process, so that it is consistent by construction.
+
+        At an optimizer-step boundary it describes now. Inside an accumulation window it describes
+        the window's start (the weights and the optimizer have not moved since): a resumed run re-runs
+        the window's first micro-batches rather than storing half-accumulated gradients, which differ
+        on every process.
+        """
+        at_boundary = self.n_total_iter % self.gradient_accumulation_steps == 0
+        point = self.resume_point() if at_boundary else self.window_start
+        rng_states = [point["rng"]]
+        if self.multi_gpu:
+            rng_states = [None] * self.world_size
+            dist.all_gather_object(rng_states, point["rng"])
+        self._write_training_state(point, rng_states)
+        if self.multi_gpu:
+            dist.barrier()  # every process returns once the file is on disk: a launcher may stop the others next
+
+    def _write_training_state(self, point: dict, rng_states: list[dict]) -> None:
+        """Write the training state of resume point `point` (master only)."""
+        if not self.is_master:
+            return
+        state = {
+            "format": TRAINING_STATE_FORMAT,
+            "student": self.raw_student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "position": {**point["position"], "seed": self.seed, "batches_per_epoch": self.batches_per_epoch},
+            "counters": point["counters"],
+            "rng": rng_states,  # by global rank
+        }
+        self.tensorboard.flush()  # the events logged so far survive a kill, as the state does
+        atomic_write(self.dump_path / TRAINING_STATE, partial(torch.save, state))
+
+    def _restore(self, state: dict) -> None:
+        """Take up a training state: weights, optimizer, schedule, scaler, counters, data position.
+
+        The generator states are set when training starts (`train`), so that nothing draws from
+        them before the first batch.
+
+        Raises:
+            UserError: the state belongs to another number of processes, seed or data.
+        """
+        position = state["position"]
+        saved = (len(state["rng"]), position["seed"], position["batches_per_epoch"])
+        if saved != (self.world_size, self.seed, self.batches_per_epoch):
+            raise UserError(
+                f"the training state was saved by {saved[0]} process(es) with seed {saved[1]} and "
+                f"{saved[2]} batches per epoch; this run has {self.world_size}, {self.seed} and "
+                f"{self.batches_per_epoch}: resume with the same launcher, flags and data"
+            )
+        self.raw_student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.n_iter = position["epoch"], position["batches_done"]
+        counters = state["counters"]
+        self.n_total_iter = counters["n_total_iter"]
+        self.n_optimizer_steps = counters["n_optimizer_steps"]
+        self.n_sequences_epoch = counters["n_sequences_epoch"]
+        self.total_loss_epoch = counters["total_loss_epoch"].to(self.device)
+        self.rng_to_restore = state["rng"][self.global_rank]
+        logger.info(
+            f"Resuming at iteration {self.n_total_iter} (optimizer step {self.n_optimizer_steps}), epoch "
+            f"{self.epoch}, after {self.n_iter} of its {self.batches_per_epoch} batches"
+        )
 
     def close(self) -> None:
         """Flush and close the tensorboard writer."""

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import pickle
-import sys
 from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from lm_seqs_dataset import LmSeqsDataset
-from utils import IGNORE_INDEX, UserError, logger, setup_logging, special_token_ids, write_json
+from scripts.token_data import TokenDataError, load_token_id_arrays
+from utils import IGNORE_INDEX, UserError, logger, run_command, special_token_ids, write_json
 
 EvalBatch = tuple[Tensor, Tensor, Tensor]  # input_ids (bs, len), attention_mask (bs, len) bool, labels (bs, len)
 
@@ -228,12 +228,11 @@ def load_eval_batches(
     data_file: str, tokenizer, max_input_size: int, mlm: bool, batch_size: int,
     mask_prop: float, seed: int, max_sequences: int | None = None,
 ) -> list[EvalBatch]:
-    """Read a binarized held-out file and turn it into fixed evaluation batches."""
+    """Read a binarized held-out file (safely: nothing in it can run) and turn it into fixed evaluation batches."""
     try:
-        with open(data_file, "rb") as handle:
-            data = pickle.load(handle)
-    except (OSError, EOFError, pickle.UnpicklingError) as err:
-        raise UserError(f"could not read the evaluation data {data_file!r}: {err}") from err
+        data = load_token_id_arrays(data_file)
+    except TokenDataError as err:
+        raise UserError(f"could not read --data_file: {err}") from err
     if max_sequences is not None:
         data = data[:max_sequences]
     special = special_token_ids(tokenizer)
@@ -272,9 +271,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_command(main)

@@ -25,8 +25,15 @@ Several CPU processes over gloo (tests, debugging the distributed path without a
     torchrun --nproc_per_node 2 train.py --n_gpu 0 ...
 
 Only the master process (node 0, local rank 0) writes to --dump_path: parameters.json, git_log.json,
-config.json, checkpoint.pth, model_epoch_<e>.pth, pytorch_model.bin, the save_pretrained files and the
-tensorboard log in log/train. Bad flags or files give one `error: ...` line and exit status 1.
+config.json, checkpoint.pth, model_epoch_<e>.pth, pytorch_model.bin, the save_pretrained files, the
+tensorboard log in log/train and training_state.pth. Bad flags or files give one `error: ...` line and
+exit status 1; every file is written to a temporary name and renamed, so a crash never damages one.
+
+Interrupted runs continue where they stopped, bit for bit: run the same command with --resume instead
+of --force (the same launcher and number of processes too). SIGTERM or SIGINT (Ctrl-C) makes a run save
+its training state at the next optimizer step and exit with status 143 or 130; a killed run (kill -9,
+power cut) loses only the iterations since its last checkpoint:
+    python train.py --n_gpu 0 --dump_path serialization_dir/cpu_run ... --resume
 """
 
 import argparse
@@ -38,8 +45,9 @@ import shlex
 import shutil
 import sys
 from argparse import Namespace
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -62,20 +70,26 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from distiller import LOSS_TERMS, TEACHER_TERMS, Distiller
+from distiller import LOSS_TERMS, TEACHER_TERMS, TRAINING_STATE, Distiller, load_training_state
 from evaluation import Evaluator, build_eval_batches
-from lm_seqs_dataset import LmSeqsDataset
+from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
+from scripts.token_data import TokenDataError, is_mmap_file, load_token_counts, load_token_id_arrays, load_token_id_mmap
 from utils import (
+    DIST_TIMEOUT_S,
     NonFiniteLossError,
+    TrainingInterrupted,
     UserError,
     git_log,
     init_gpu_params,
     logger,
+    remove_stale_temporaries,
     set_seed,
     setup_logging,
     special_token_ids,
     write_json,
 )
+
+T = TypeVar("T")
 
 STUDENT_CLASSES = {
     "distilbert": (DistilBertConfig, DistilBertForMaskedLM),
@@ -98,7 +112,16 @@ REQUIRED_ROLES = {
     True: ("cls_token", "sep_token", "pad_token", "mask_token"),  # --mlm
     False: ("bos_token", "eos_token", "unk_token"),
 }
-POSITIVE_INT_FLAGS = ("n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval")
+POSITIVE_INT_FLAGS = (
+    "n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval", "dist_timeout"
+)
+# Flags a --resume may change: how often files are written, what is evaluated, how long processes
+# wait for each other; never the numbers the training computes. Every other flag must be the run's,
+# except those naming this invocation rather than the run.
+MAY_CHANGE_ON_RESUME = (
+    "log_interval", "checkpoint_interval", "eval_interval", "eval_data_file", "fp16_opt_level", "dist_timeout"
+)
+NOT_COMPARED_ON_RESUME = ("dump_path", "force", "resume", "local_rank", *MAY_CHANGE_ON_RESUME)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,9 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--force", action="store_true", help="Replace --dump_path if it already exists.")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="[+] Continue the run in --dump_path from its training_state.pth (saved every --checkpoint_interval "
+        "iterations, at each epoch end and on SIGTERM/SIGINT), bit for bit as if it had never stopped; deletes "
+        "nothing. Give the run's command again (without --force) and the same number of processes: only "
+        f"--{', --'.join(MAY_CHANGE_ON_RESUME)} may change; other differences are refused.",
+    )
     parser.add_argument("--dump_path", type=str, required=True, help="Output folder (logs, checkpoints, configs).")
     parser.add_argument(
-        "--data_file", type=str, required=True, help="Binarized data: the pickle written by scripts/binarized_data.py."
+        "--data_file", type=str, required=True,
+        help="Binarized data from scripts/binarized_data.py: the pickle, or [+] the .ids.npy file of --format mmap, "
+        "memory-mapped (one copy in the page cache for every process of the machine).",
     )
 
     parser.add_argument("--student_type", type=str, choices=list(STUDENT_CLASSES), required=True,
@@ -203,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Longest sequence fed to the models (longer ones are split); default: the tokenizer's "
-        "model_max_length capped by the teacher's position embeddings.",
+        "model_max_length capped by the teacher's position embeddings (with --resume: the run's value).",
     )
     parser.add_argument("--n_gpu", type=int, default=1, help="GPUs in total (0 = CPU; > 1 needs a launcher).")
     parser.add_argument(
@@ -216,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=56, help="Random seed.")
     parser.add_argument(
+        "--dist_timeout",
+        type=int,
+        default=DIST_TIMEOUT_S,
+        help="[+] Seconds a process waits for the others in a collective before the run fails (a process died "
+        "or hangs); must exceed the longest pause of the master alone (evaluation, checkpoint writes).",
+    )
+    parser.add_argument(
         "--eval_data_file",
         type=str,
         default=None,
@@ -226,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval_interval", type=int, default=0, help="[+] Evaluate every N micro-batches too (0: at epoch ends only)."
     )
     parser.add_argument("--log_interval", type=int, default=500, help="Tensorboard log every N micro-batches.")
-    parser.add_argument("--checkpoint_interval", type=int, default=4000, help="checkpoint.pth every N micro-batches.")
+    parser.add_argument(
+        "--checkpoint_interval",
+        type=int,
+        default=4000,
+        help="checkpoint.pth (and [+] training_state.pth, for --resume) every N micro-batches.",
+    )
     return parser
 
 
@@ -310,6 +355,8 @@ def sanity_checks(args: Namespace) -> None:
         raise UserError(f"--max_model_input_size must be >= 3 (got {args.max_model_input_size})")
     if args.n_gpu < 0:
         raise UserError(f"--n_gpu must be >= 0 (got {args.n_gpu})")
+    if args.resume and args.force:
+        raise UserError("--resume continues the run in --dump_path and --force deletes it: pass only one of them")
 
 
 def check_dump_path(args: Namespace) -> None:
@@ -328,9 +375,60 @@ def check_dump_path(args: Namespace) -> None:
             raise UserError(f"--force would delete {path!r} together with --dump_path {args.dump_path!r}; pick another")
 
 
-def prepare_dump_path(args: Namespace) -> None:
-    """Create (with --force: replace) --dump_path and write parameters.json and git_log.json into it."""
+def check_resume(args: Namespace) -> None:
+    """For --resume: --dump_path holds a run with a training state, whose shaping flags equal these.
+
+    Runs on every process (a refusal on the master alone would leave the others waiting), so every
+    process must see --dump_path. An omitted --max_model_input_size takes the run's value:
+    parameters.json records the derived one, not the flag.
+
+    Raises:
+        UserError: naming every flag that differs from the run's parameters.json, or what is missing.
+    """
     dump_path = Path(args.dump_path)
+    parameters_file = dump_path / "parameters.json"
+    if not parameters_file.is_file():
+        raise UserError(f"--resume: {str(parameters_file)!r} does not exist; --dump_path must be the folder of a run")
+    if not (dump_path / TRAINING_STATE).is_file():
+        raise UserError(
+            f"--resume: {args.dump_path!r} holds no {TRAINING_STATE} yet (one is saved every --checkpoint_interval "
+            "iterations and at each epoch end); start the run again with --force"
+        )
+    try:
+        saved = json.loads(parameters_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"--resume: could not read {str(parameters_file)!r}: {err}") from err
+    if args.max_model_input_size is None:
+        args.max_model_input_size = saved.get("max_model_input_size")
+
+    parser = build_parser()
+    shaping = [action.dest for action in parser._actions if action.dest not in ("help", *NOT_COMPARED_ON_RESUME)]
+    differing = [
+        f"--{name} (run: {saved.get(name, parser.get_default(name))!r}, now: {getattr(args, name)!r})"
+        for name in shaping
+        if saved.get(name, parser.get_default(name)) != getattr(args, name)
+    ]
+    if saved.get("world_size") != args.world_size:
+        differing.append(f"the number of processes (run: {saved.get('world_size')}, now: {args.world_size})")
+    if differing:
+        raise UserError(
+            f"--resume: {', '.join(differing)} differ from the run's parameters.json; pass the run's values "
+            f"(only --{', --'.join(MAY_CHANGE_ON_RESUME)} may change)"
+        )
+
+
+def prepare_dump_path(args: Namespace) -> None:
+    """Create (with --force: replace) --dump_path and write parameters.json and git_log.json into it.
+
+    With --resume everything stays; only the temporaries of writes a kill interrupted are deleted.
+    """
+    dump_path = Path(args.dump_path)
+    if args.resume:
+        removed = remove_stale_temporaries(dump_path)
+        if removed:
+            logger.info(f"Removed the temporaries of interrupted writes: {removed}")
+        logger.info(f"Resuming the run in {dump_path}")
+        return
     if dump_path.is_dir():
         logger.info(f"--force: replacing the existing {dump_path}")
         shutil.rmtree(dump_path)
@@ -390,14 +488,20 @@ def max_model_input_size(args: Namespace, tokenizer: PreTrainedTokenizerBase, te
     return args.max_model_input_size
 
 
-def load_pickle(path: str, flag: str) -> object:
-    """Unpickle `path`, turning read errors into a UserError that names `flag`."""
+def load_token_file(loader: Callable[[str], T], path: str, flag: str) -> T:
+    """`loader(path)`, a safe reader of scripts/token_data.py, with its TokenDataError a UserError naming `flag`."""
     logger.info(f"Loading {flag} {path}")
     try:
-        with open(path, "rb") as handle:
-            return pickle.load(handle)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as err:
-        raise UserError(f"could not read {flag} {path!r}: {err}") from err
+        return loader(path)
+    except TokenDataError as err:
+        raise UserError(f"could not read {flag}: {err}") from err
+
+
+def load_binarized_data(path: str, flag: str) -> list[np.ndarray] | FlatCorpus:
+    """--data_file or --eval_data_file, told apart by name: a `.npy` file is memory-mapped, anything else is a pickle."""
+    if is_mmap_file(path):
+        return FlatCorpus(*load_token_file(load_token_id_mmap, path, flag))
+    return load_token_file(load_token_id_arrays, path, flag)
 
 
 def load_tokenizer(args: Namespace) -> PreTrainedTokenizerBase:
@@ -483,7 +587,7 @@ def freeze_embeddings(student: nn.Module, args: Namespace) -> None:
 
 def build_evaluator(args: Namespace, teacher: nn.Module | None) -> Evaluator:
     """Held-out batches from --eval_data_file, masked once with --seed: every evaluation sees the same targets."""
-    held_out = LmSeqsDataset(args, load_pickle(args.eval_data_file, "--eval_data_file"))
+    held_out = LmSeqsDataset(args, load_binarized_data(args.eval_data_file, "--eval_data_file"))
     special = args.special_tok_ids
     batches = build_eval_batches(
         held_out, args.batch_size, args.mlm, special.values(), special.get("mask_token"), args.mlm_mask_prop, args.seed
@@ -517,8 +621,11 @@ def run(args: Namespace) -> None:
     logger.info(f"Parameters: {json.dumps(vars(args), sort_keys=True)}")
     init_gpu_params(args)
     set_seed(args)
-    if args.is_master:
+    if args.resume:
+        check_resume(args)
+    elif args.is_master:
         check_dump_path(args)
+    if args.is_master:
         if args.fp16 or args.fp16_opt_level != "O1":
             logger.warning(f"--fp16_opt_level {args.fp16_opt_level} is ignored: it was an apex option, "
                            "--fp16 now uses torch.autocast with a GradScaler")
@@ -533,10 +640,10 @@ def run(args: Namespace) -> None:
     args.max_model_input_size = max_model_input_size(args, tokenizer, teacher_config)
     logger.info(f"Maximum model input size: {args.max_model_input_size}")
 
-    data = load_pickle(args.data_file, "--data_file")
+    data = load_binarized_data(args.data_file, "--data_file")
     counts, token_probs = None, None
     if args.mlm:
-        counts = load_pickle(args.token_counts, "--token_counts")
+        counts = load_token_file(load_token_counts, args.token_counts, "--token_counts")
         token_probs = token_probs_from_counts(counts, args.special_tok_ids.values(), args.mlm_smoothing)
     dataset = LmSeqsDataset(args, data)
 
@@ -547,25 +654,58 @@ def run(args: Namespace) -> None:
 
     if args.is_master:
         prepare_dump_path(args)
-    distiller = Distiller(args, dataset, token_probs, student, teacher, evaluator)
+    training_state = load_training_state(args.dump_path) if args.resume else None  # read by every process
+    distiller = Distiller(args, dataset, token_probs, student, teacher, evaluator, training_state)
+    del training_state  # taken up: free this copy of the weights and optimizer state before training
     try:
         distiller.train()
     finally:
         distiller.close()
 
 
+def _lost_another_process(err: Exception) -> bool:
+    """Whether `err` is a collective failing because another process died, or hung past --dist_timeout.
+
+    NCCL and the rendezvous store raise DistError; gloo raises a RuntimeError naming its own source.
+    """
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and dist.is_initialized() and "/gloo/" in str(err)
+    )
+
+
+def _exit_with_error(message: str, status: int) -> None:
+    """Print `message` as one `error:` line (library messages quoted in it may span lines) and exit."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(status)
+
+
 @record
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse, check, build, train. User errors and a non-finite loss become one `error:` line and exit 1."""
+    """Parse, check, build, train, each failure the user can act on as one `error:` line.
+
+    User errors (including failed writes) and a non-finite loss exit with 1; a stop on SIGTERM/SIGINT,
+    with the training state saved, with 128 + the signal number (143, 130), as does a Ctrl-C outside
+    the training loop; losing another process of the run (it died, or --dist_timeout ran out) with 1.
+    """
     setup_logging()
     args = build_parser().parse_args(argv)
     try:
         sanity_checks(args)
         run(args)
     except (UserError, NonFiniteLossError) as err:
-        one_line = " ".join(str(err).split())  # library messages quoted in an error may span lines
-        print(f"error: {one_line}", file=sys.stderr)
-        sys.exit(1)
+        _exit_with_error(str(err), 1)
+    except TrainingInterrupted as err:
+        _exit_with_error(str(err), err.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C before training, or a second one during it
+        _exit_with_error("interrupted; a run that saved a training state continues with --resume", 130)
+    except Exception as err:
+        if not _lost_another_process(err):
+            raise
+        _exit_with_error(
+            f"lost another process of the run, which died or hangs ({str(err).splitlines()[0]}); "
+            "once the cause is fixed, run the same command with --resume to continue from the last training state",
+            1,
+        )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

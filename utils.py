@@ -1,12 +1,18 @@
-"""Shared leaf helpers: logging, the error types, process-group set-up, seeding, git provenance, atomic writes."""
+"""Shared leaf helpers: logging, the error types, process-group set-up, seeding and RNG states, git
+provenance, atomic writes."""
 
 import json
 import logging
 import os
 import random
+import shutil
+import signal
+import sys
 import tempfile
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +45,16 @@ class UserError(Exception):
     """A problem with the user's flags, files or models: reported as one line, exit status 1."""
 
 
+def run_command(main: Callable[[], object]) -> None:
+    """Entry point of a command: set up logging, run `main`, turn a UserError into one `error:` line and exit 1."""
+    setup_logging()
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite; raised before the optimizer step, so weights stay the last good ones.
 
@@ -56,20 +72,107 @@ class NonFiniteLossError(RuntimeError):
         self.term = term
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it to `path`.
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after it saved its training state; exit status 128 + signal number.
 
-    A crash or an error inside `write` leaves any previous file at `path` untouched and no partial file.
+    Args:
+        signum: the signal that asked for the stop (on any process of the run).
+        step: the training iteration (micro-batch count) the state was saved at.
+        dump_path: where the training state is.
+    """
+
+    def __init__(self, signum: int, step: int, dump_path: str | os.PathLike):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at iteration {step}; the training state is saved in "
+            f"{str(dump_path)!r}: run the same command with --resume (and without --force) to continue"
+        )
+        self.exit_status = 128 + signum
+
+
+class WriteError(UserError, OSError):
+    """An output file could not be written (disk full, unwritable folder); the previous file is intact.
+
+    A UserError, so that entry points report it as one line; an OSError, because that is what it is.
+    """
+
+
+# Temporary names of atomic writes: `.<name>.<random>.tmp` beside the target (files or folders).
+TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
+
+
+def _new_file_mode() -> int:
+    """The mode a file created with open() gets under the current umask (mkstemp makes files owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Rename the finished file `tmp` to `target` durably: fsync the file, rename, fsync the folder.
+
+    Without the first fsync a power cut can leave `target` renamed but empty; without the second,
+    the rename itself may be lost. `target` gets the mode open() would give it (temporary files are
+    often owner-only).
+    """
+    tmp.chmod(_new_file_mode())
+    _fsync(tmp)
+    os.replace(tmp, target)
+    _fsync(target.parent)
+
+
+@contextmanager
+def reported_as_write_error(target: Path) -> Iterator[None]:
+    """Turn an OSError raised inside the block into a one-line WriteError naming `target`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as err:
+        raise WriteError(f"could not write {str(target)!r}: {err.strerror or err}") from err
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it to `path` (fsynced).
+
+    A crash, a kill or an error inside `write` leaves any previous file at `path` untouched and no
+    partial file at `path` (a kill may leave the temporary, which `remove_stale_temporaries` deletes).
+
+    Raises:
+        WriteError: on any OSError (disk full, unwritable folder), naming `path`.
     """
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with reported_as_write_error(target):
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            write(tmp)
+            publish(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete what interrupted atomic writes left in `folder` (`.*.tmp` files and folders); return their names."""
+    removed = []
+    for path in Path(folder).iterdir():
+        if not (path.name.startswith(TMP_PREFIX) and path.name.endswith(TMP_SUFFIX)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path.name)
+    return sorted(removed)
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
@@ -120,6 +223,9 @@ def _first_set(*values: int | None, default: int) -> int:
     return next((value for value in values if value is not None), default)
 
 
+DIST_TIMEOUT_S = 600  # default of train.py's --dist_timeout
+
+
 def init_gpu_params(params: Namespace) -> None:
     """Read the launcher's environment, set the rank facts on `params` and start the process group.
 
@@ -133,6 +239,9 @@ def init_gpu_params(params: Namespace) -> None:
 
     Sets on `params`: world_size, global_rank, local_rank, n_gpu_per_node, n_nodes, node_id,
     is_master (node 0, local rank 0), multi_gpu (more than one process), multi_node and device.
+
+    The process group gets `params.dist_timeout` seconds: a collective that waits longer for a
+    process (dead, or hung) fails on the others instead of blocking them forever.
 
     Raises:
         UserError: when the flags and the launcher disagree, or a GPU is asked for and none is visible.
@@ -184,8 +293,9 @@ def init_gpu_params(params: Namespace) -> None:
     if params.multi_gpu:
         backend = "nccl" if params.n_gpu > 0 else "gloo"
         logger.info(f"Initializing the {backend} process group (MASTER_ADDR/MASTER_PORT from the environment)")
+        timeout = timedelta(seconds=getattr(params, "dist_timeout", DIST_TIMEOUT_S))
         torch.distributed.init_process_group(
-            backend=backend, init_method="env://", rank=global_rank, world_size=world_size
+            backend=backend, init_method="env://", rank=global_rank, world_size=world_size, timeout=timeout
         )
 
 
@@ -196,3 +306,28 @@ def set_seed(params: Namespace) -> None:
     torch.manual_seed(params.seed)
     if params.n_gpu > 0:
         torch.cuda.manual_seed_all(params.seed)
+
+
+def get_rng_states(device: torch.device) -> dict[str, object]:
+    """This process's Python, numpy, torch (and CUDA, on a GPU) generator states.
+
+    In types that torch.load(weights_only=True) reads back: tensors, tuples, dicts, numbers.
+    """
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, object], device: torch.device) -> None:
+    """Restore what `get_rng_states` returned: every draw after it repeats the draws after the capture."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = dict(states["numpy"])
+    numpy_state["state"] = dict(numpy_state["state"], key=numpy_state["state"]["key"].numpy().astype(np.uint32))
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)

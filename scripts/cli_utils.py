@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from token_data import TokenDataError
+
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s"
 LOG_DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
 
@@ -21,16 +23,23 @@ class ScriptError(Exception):
 
 
 def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a script's `main` with logging set up; a ScriptError becomes `error: ...` and exit 1."""
+    """Run a script's `main` with logging set up; a ScriptError or TokenDataError becomes `error: ...` and exit 1."""
     logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, level=logging.INFO)
     try:
         main(argv)
-    except ScriptError as err:
+    except (ScriptError, TokenDataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _new_file_mode() -> int:
+    """The mode a file created with open() gets under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextmanager
@@ -46,6 +55,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        tmp.chmod(_new_file_mode())  # mkstemp makes it owner-only; give it the mode open() would
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -7,19 +7,23 @@ probabilities (`max(count, 1) ** -mlm_smoothing`).
 Usage (the original README's command):
     python scripts/token_counts.py --data_file data/binarized_text.bert-base-uncased.pickle \\
         --token_counts_dump data/token_counts.bert-base-uncased.pickle --vocab_size 30522
+Memory-mapped data (binarized_data.py --format mmap) is counted a slice at a time, never loaded whole:
+    python scripts/token_counts.py --data_file data/binarized_text.bert-base-uncased.ids.npy \\
+        --token_counts_dump data/token_counts.bert-base-uncased.pickle --vocab_size 30522
 """
 
 import argparse
 import logging
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
 
 from cli_utils import ScriptError, atomic_output, run_cli
-from token_data import load_token_id_arrays
+from token_data import is_mmap_file, load_token_id_arrays, load_token_id_mmap
 
 logger = logging.getLogger("token_counts")
 
@@ -35,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--data_file", default="data/dump.bert-base-uncased.pickle", help="Output of binarized_data.py."
+        "--data_file", default="data/dump.bert-base-uncased.pickle",
+        help="Output of binarized_data.py: the .pickle, or the .ids.npy file of the memory-mapped format.",
     )
     parser.add_argument(
         "--token_counts_dump", default="data/token_counts.bert-base-uncased.pickle", help="Where to write the counts."
@@ -59,17 +64,59 @@ def count_tokens(sequences: Sequence[np.ndarray], vocab_size: int) -> list[int]:
     Raises:
         ScriptError: an id is negative or not below `vocab_size`.
     """
-    if vocab_size < 1:
-        raise ScriptError(f"--vocab_size must be positive (got {vocab_size})")
+    counts = _zero_counts(vocab_size)
     dtypes = set(map(attrgetter("dtype"), sequences))
     common_dtype = dtypes.pop() if len(dtypes) == 1 else None
-    counts = np.zeros(vocab_size, dtype=np.int64)
+    largest = partial(_largest_in_arrays, sequences)
     for start in range(0, len(sequences), _GROUP):
-        ids = _gather(sequences[start : start + _GROUP], common_dtype)
-        _check_ids(ids, vocab_size, sequences)
-        for begin in range(0, ids.size, _SLICE):
-            counts += np.bincount(ids[begin : begin + _SLICE], minlength=vocab_size)
+        _count_into(counts, _gather(sequences[start : start + _GROUP], common_dtype), largest)
     return counts.tolist()
+
+
+def count_token_ids(ids: np.ndarray, vocab_size: int) -> list[int]:
+    """Occurrences of every id in one flat id array, which may be memory-mapped, a slice at a time.
+
+    Memory stays one slice whatever the size of `ids`: a mapped corpus is read once, never loaded.
+
+    Args:
+        ids: (n_tokens,) integer token ids (uint16 or int32).
+        vocab_size: length of the result; every id must be below it.
+
+    Returns:
+        counts: `vocab_size` Python ints, counts[i] = occurrences of id i.
+
+    Raises:
+        ScriptError: an id is negative or not below `vocab_size`.
+    """
+    counts = _zero_counts(vocab_size)
+    largest = partial(_largest_in_flat, ids)
+    for begin in range(0, ids.size, _SLICE):
+        _count_into(counts, ids[begin : begin + _SLICE], largest)
+    return counts.tolist()
+
+
+def _zero_counts(vocab_size: int) -> np.ndarray:
+    """(vocab_size,) int64 zeros, or a ScriptError for a --vocab_size below 1."""
+    if vocab_size < 1:
+        raise ScriptError(f"--vocab_size must be positive (got {vocab_size})")
+    return np.zeros(vocab_size, dtype=np.int64)
+
+
+def _count_into(counts: np.ndarray, ids: np.ndarray, largest: Callable[[], int]) -> None:
+    """Add the occurrences of (n,) `ids` to `counts`, in slices; `largest()` names the largest id of all on error."""
+    _check_ids(ids, len(counts), largest)
+    for begin in range(0, ids.size, _SLICE):
+        counts += np.bincount(ids[begin : begin + _SLICE], minlength=len(counts))
+
+
+def _largest_in_arrays(sequences: Sequence[np.ndarray]) -> int:
+    """The largest id of all `sequences` (computed only to word an error)."""
+    return max(int(seq.max()) for seq in sequences if seq.size)
+
+
+def _largest_in_flat(ids: np.ndarray) -> int:
+    """The largest id of (n,) `ids`, a slice at a time (computed only to word an error)."""
+    return max(int(ids[begin : begin + _SLICE].max()) for begin in range(0, ids.size, _SLICE))
 
 
 def _gather(group: Sequence[np.ndarray], common_dtype: np.dtype | None) -> np.ndarray:
@@ -86,17 +133,17 @@ def _gather(group: Sequence[np.ndarray], common_dtype: np.dtype | None) -> np.nd
     return np.concatenate(group)
 
 
-def _check_ids(ids: np.ndarray, vocab_size: int, sequences: Sequence[np.ndarray]) -> None:
-    """Raise a ScriptError if a group of ids holds one outside [0, vocab_size), naming the largest id of all."""
+def _check_ids(ids: np.ndarray, vocab_size: int, largest: Callable[[], int]) -> None:
+    """Raise a ScriptError if `ids` holds one outside [0, vocab_size); `largest()` gives the largest id of all."""
     if ids.dtype.kind not in "iu":
         raise ScriptError(f"token ids of mixed dtypes combine to {ids.dtype}; expected uint16 or int32 arrays")
     if ids.size == 0:
         return
     if ids.max() >= vocab_size:
-        largest = max(int(seq.max()) for seq in sequences if seq.size)
+        largest_id = largest()
         raise ScriptError(
-            f"the data holds token id {largest} (the largest id seen) but --vocab_size is {vocab_size}; "
-            f"pass the tokenizer's full vocabulary size (at least {largest + 1})"
+            f"the data holds token id {largest_id} (the largest id seen) but --vocab_size is {vocab_size}; "
+            f"pass the tokenizer's full vocabulary size (at least {largest_id + 1})"
         )
     if ids.dtype.kind == "i" and ids.min() < 0:
         raise ScriptError(f"the data holds a negative token id ({int(ids.min())}); it is not binarized text")
@@ -108,9 +155,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not target.parent.is_dir():
         raise ScriptError(f"--token_counts_dump {str(target)!r}: folder {str(target.parent)!r} does not exist")
     logger.info("Loading binarized data from %s", args.data_file)
-    sequences = load_token_id_arrays(args.data_file)
-    logger.info("Counting occurrences of %d token ids in %d sequences", args.vocab_size, len(sequences))
-    counts = count_tokens(sequences, args.vocab_size)
+    if is_mmap_file(args.data_file):
+        ids = load_token_id_mmap(args.data_file).ids
+        logger.info("Counting occurrences of %d token ids in %d memory-mapped ids", args.vocab_size, ids.size)
+        counts = count_token_ids(ids, args.vocab_size)
+    else:
+        sequences = load_token_id_arrays(args.data_file)
+        logger.info("Counting occurrences of %d token ids in %d sequences", args.vocab_size, len(sequences))
+        counts = count_tokens(sequences, args.vocab_size)
     with atomic_output(target) as tmp, open(tmp, "wb") as handle:
         pickle.dump(counts, handle, protocol=pickle.HIGHEST_PROTOCOL)
     logger.info("Counted %d tokens; %d ids never occur; wrote %s", sum(counts), counts.count(0), args.token_counts_dump)

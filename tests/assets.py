@@ -8,7 +8,7 @@ exactly as a user's local teacher would be.
 import random
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -20,6 +20,8 @@ from transformers import (
     RobertaConfig,
     RobertaForMaskedLM,
 )
+
+from quickstart import train_wordpiece_tokenizer
 
 MAX_LEN = 64  # model_max_length of every tiny tokenizer and position range of every tiny model
 
@@ -48,40 +50,31 @@ def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
 
 
 def build_tokenizer(kind: str, out_dir: Path, corpus: list[str], vocab_size: int = 400) -> Path:
-    """Train a tiny tokenizer of `kind` (bert, roberta or gpt2) on `corpus` and save it to `out_dir`."""
+    """Train a tiny tokenizer of `kind` (bert, roberta or gpt2) on `corpus` and save it to `out_dir`.
+
+    BERT's is the quickstart's own WordPiece tokenizer; RoBERTa's and GPT-2's are byte-level BPEs
+    with their families' special tokens.
+    """
     if kind == "bert":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-        )
-        tok.decoder = decoders.WordPiece()
-        roles = dict(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    elif kind in ("roberta", "gpt2"):
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if kind == "roberta" else ["<|endoftext|>"]
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        tok.train_from_iterator(corpus, trainer)
-        if kind == "roberta":
-            tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
-            roles = dict(
-                bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                cls_token="<s>", sep_token="</s>", mask_token="<mask>",
-            )
-        else:
-            roles = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    else:
+        return train_wordpiece_tokenizer(corpus, vocab_size, MAX_LEN, out_dir)
+    if kind not in ("roberta", "gpt2"):
         raise ValueError(f"unknown tokenizer kind {kind!r}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if kind == "roberta" else ["<|endoftext|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    if kind == "roberta":
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+        roles = dict(
+            bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+            cls_token="<s>", sep_token="</s>", mask_token="<mask>",
+        )
+    else:
+        roles = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN, **roles)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_tok.save_pretrained(out_dir)
