@@ -157,6 +157,18 @@ def round_batch_for_fp16(token_ids: Tensor, lengths: Tensor, pad_id: int) -> tup
     return token_ids, lengths
 
 
+def _rows(x: Tensor, mask: Tensor) -> Tensor:
+    """`x[mask]` for a (bs, seq_len) bool mask: the selected rows of x (bs, seq_len, ...), in row-major order.
+
+    A mask on the host selects a device tensor without a device sync: its indices are found on the host
+    and copied without blocking (a device mask would need its count read back first).
+    """
+    if mask.device == x.device:
+        return x[mask]
+    rows, cols = (index.to(x.device, non_blocking=True) for index in mask.nonzero(as_tuple=True))
+    return x[rows, cols]
+
+
 def _kl_distillation(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
     """KL(softmax(t/T) || softmax(s/T)) summed over the vocabulary, averaged over rows, times T^2 (Hinton et al.)."""
     log_p_student = F.log_softmax(s_logits / temperature, dim=-1)
@@ -167,7 +179,7 @@ def _kl_distillation(s_logits: Tensor, t_logits: Tensor, temperature: float) -> 
 def _token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the positions whose label is not -100; logits (..., vocab), labels (...)."""
     targets = labels != IGNORE_INDEX
-    return F.cross_entropy(logits[targets].float(), labels[targets])
+    return F.cross_entropy(_rows(logits, targets).float(), labels[targets].to(logits.device, non_blocking=True))
 
 
 def _cosine_loss(s_hidden: Tensor, t_hidden: Tensor) -> Tensor:
@@ -204,6 +216,8 @@ def compute_losses(
         t_hidden: (bs, seq_len, dim) teacher last hidden state; only read when alphas["cos"] > 0.
         attention_mask: (bs, seq_len) bool, True on real tokens.
         lm_labels: (bs, seq_len) int64, -100 where there is nothing to predict.
+            Both may live on the host while the logits are on an accelerator: rows are then selected
+            without a device sync (see `_rows`).
         alphas: weight of each term in LOSS_TERMS; terms with weight 0 are not computed.
         temperature: softmax temperature T of the ce term.
         restrict_ce_to_mask: select only the MLM targets for ce and mse.
@@ -215,7 +229,7 @@ def compute_losses(
 
     def selected_logits() -> tuple[Tensor, Tensor]:
         # Select rows, never a (bs, seq_len, vocab) mask: (n_selected, vocab) each.
-        return s_logits[selected].float(), t_logits[selected].float()
+        return _rows(s_logits, selected).float(), _rows(t_logits, selected).float()
 
     def mse() -> Tensor:
         s_rows, t_rows = selected_logits()
@@ -226,7 +240,7 @@ def compute_losses(
         "mlm": lambda: _token_cross_entropy(s_logits, lm_labels),
         "clm": lambda: _token_cross_entropy(s_logits[:, :-1], lm_labels[:, 1:]),
         "mse": mse,
-        "cos": lambda: _cosine_loss(s_hidden[attention_mask], t_hidden[attention_mask]),
+        "cos": lambda: _cosine_loss(_rows(s_hidden, attention_mask), _rows(t_hidden, attention_mask)),
     }
     return {term: loss() for term, loss in terms.items() if alphas[term] > 0}
 
@@ -308,8 +322,11 @@ def _build_dataloader(params: Namespace, dataset: "LmSeqsDataset") -> tuple[Samp
     else:
         batch_sampler = BatchSampler(sampler=sampler, batch_size=params.batch_size, drop_last=False)
     batches = ResumableBatches(batch_sampler)
+    # Workers only collate (no randomness): any --num_workers gives the same batches. Pinned batches
+    # copy to a GPU asynchronously.
     dataloader = DataLoader(
-        dataset=dataset, batch_sampler=batches, collate_fn=dataset.batch_sequences, generator=torch.Generator()
+        dataset=dataset, batch_sampler=batches, collate_fn=dataset.batch_sequences, generator=torch.Generator(),
+        num_workers=getattr(params, "num_workers", 0), pin_memory=torch.device(params.device).type == "cuda",
     )
     return sampler, batches, dataloader
 
@@ -484,6 +501,7 @@ class Distiller:
             lr=params.learning_rate,
             eps=params.adam_epsilon,
             betas=(0.9, 0.98),
+            fused=True if self.device.type == "cuda" else None,  # one kernel for all parameters; CPU: the default
         )
         self.num_train_optimization_steps = (
             int(self.batches_per_epoch / self.gradient_accumulation_steps * self.n_epoch) + 1
@@ -534,6 +552,9 @@ class Distiller:
             self.student = DistributedDataParallel(self.raw_student, device_ids=device_ids)
         else:
             self.student = self.raw_student
+        if getattr(params, "compile", False):
+            # A compiled wrapper for the steps only; raw_student (same parameters) is what is saved and restored.
+            self.student = torch.compile(self.student)
 
         if self.is_master:
             logger.info("--- Initializing Tensorboard")
@@ -622,7 +643,7 @@ class Distiller:
                 for batch in iter_bar:
                     if self.n_total_iter % self.gradient_accumulation_steps == 0:
                         self.window_start = self.resume_point()  # a save inside this window resumes from here
-                    input_ids, attention_mask, lm_labels = (t.to(self.device) for t in self.prepare_batch(batch))
+                    input_ids, attention_mask, lm_labels = self.prepare_batch(batch)  # on the host; step copies
                     self.step(input_ids=input_ids, attention_mask=attention_mask, lm_labels=lm_labels)
                     if self.n_total_iter % self.log_interval == 0:
                         self.log(iter_bar)
@@ -648,12 +669,14 @@ class Distiller:
         """Run one micro-batch: both forward passes, the losses, backward, and the optimizer step at the boundary.
 
         Leaves the loss values of this micro-batch in `last_loss` and `last_loss_<term>` (0-dim tensors,
-        read back to the host only when logged).
+        read back to the host only when logged). Nothing here waits for the device except the finite
+        check at the accumulation boundary (one read of a few flags, see `_check_finite_and_stop`).
 
         Args:
-            input_ids: (bs, seq_len) int64.
-            attention_mask: (bs, seq_len) bool, True on real tokens.
-            lm_labels: (bs, seq_len) int64, -100 where there is nothing to predict.
+            input_ids: (bs, seq_len) int64, on the host (copied without blocking) or the device.
+            attention_mask: (bs, seq_len) bool, True on real tokens; best on the host: it also selects
+                the loss rows, which needs no device sync from there.
+            lm_labels: (bs, seq_len) int64, -100 where there is nothing to predict; best on the host too.
 
         Raises:
             NonFiniteLossError: at the accumulation boundary, on every process, when a loss term of the
@@ -666,15 +689,17 @@ class Distiller:
             # logged after a step (grad_mean/grad_std) are the ones that were just applied.
             self.optimizer.zero_grad(set_to_none=True)
             self.window_finite.fill_(True)
+        input_ids = self._to_device(input_ids)
         # [F] the CLM models run without a mask: padding is at the end and attention is causal.
-        model_mask = attention_mask if self.mlm else None
+        model_mask = self._to_device(attention_mask) if self.mlm else None
         # Under DDP, all-reduce gradients only on the micro-batch that steps the optimizer.
         sync_context = self.student.no_sync() if self.multi_gpu and not stepping else nullcontext()
         with sync_context:
             with self.autocast:
                 t_output = None
                 if self.teacher is not None:
-                    with torch.no_grad():
+                    # Inference mode (no autograd bookkeeping at all), in the autocast dtype.
+                    with torch.inference_mode():
                         t_output = self.teacher(input_ids=input_ids, attention_mask=model_mask)
                 s_output = self.student(input_ids=input_ids, attention_mask=model_mask)
             want_hidden = self.alphas["cos"] > 0
@@ -698,6 +723,12 @@ class Distiller:
         self.n_sequences_epoch += input_ids.size(0)
         if stepping:
             self.optimize()
+
+    def _to_device(self, tensor: Tensor) -> Tensor:
+        """Copy a host tensor to the training device without blocking (pinned first on CUDA, so the copy is async)."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def _record(self, loss: Tensor, losses: dict[str, Tensor]) -> None:
         """Keep this micro-batch's loss values as device tensors and fold them into the window's finite flags."""

@@ -119,7 +119,8 @@ POSITIVE_INT_FLAGS = (
 # wait for each other; never the numbers the training computes. Every other flag must be the run's,
 # except those naming this invocation rather than the run.
 MAY_CHANGE_ON_RESUME = (
-    "log_interval", "checkpoint_interval", "eval_interval", "eval_data_file", "fp16_opt_level", "dist_timeout"
+    "log_interval", "checkpoint_interval", "eval_interval", "eval_data_file", "fp16_opt_level", "dist_timeout",
+    "num_workers", "compile",
 )
 NOT_COMPARED_ON_RESUME = ("dump_path", "force", "resume", "local_rank", *MAY_CHANGE_ON_RESUME)
 
@@ -240,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--n_gpu", type=int, default=1, help="GPUs in total (0 = CPU; > 1 needs a launcher).")
     parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=0,
+        help="[+] DataLoader worker processes that collate batches (0: in the training process). The batches "
+        "are the same for any value; on CUDA they are pinned and copied without blocking.",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="[+] torch.compile the student for the training steps (checkpoints stay plain state dicts). The "
+        "first steps are slow while it compiles; worth it for long GPU runs.",
+    )
+    parser.add_argument(
         "--local_rank",
         "--local-rank",
         dest="local_rank",
@@ -355,6 +369,8 @@ def sanity_checks(args: Namespace) -> None:
         raise UserError(f"--max_model_input_size must be >= 3 (got {args.max_model_input_size})")
     if args.n_gpu < 0:
         raise UserError(f"--n_gpu must be >= 0 (got {args.n_gpu})")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0 (got {args.num_workers})")
     if args.resume and args.force:
         raise UserError("--resume continues the run in --dump_path and --force deletes it: pass only one of them")
 
@@ -498,7 +514,7 @@ def load_token_file(loader: Callable[[str], T], path: str, flag: str) -> T:
 
 
 def load_binarized_data(path: str, flag: str) -> list[np.ndarray] | FlatCorpus:
-    """--data_file or --eval_data_file, told apart by name: a `.npy` file is memory-mapped, anything else is a pickle."""
+    """--data_file or --eval_data_file, told apart by name: a `.npy` file is memory-mapped, else a pickle."""
     if is_mmap_file(path):
         return FlatCorpus(*load_token_file(load_token_id_mmap, path, flag))
     return load_token_file(load_token_id_arrays, path, flag)

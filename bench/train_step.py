@@ -9,9 +9,16 @@ width (printed), at sequence lengths 128 and 512, fp32. CUDA: the real DistilBER
 768-wide BERT teacher, 6-layer student) in bf16, with model FLOPs utilisation against --peak_tflops
 (default: H200 dense bf16, ~989 TFLOP/s).
 
-Each measured step is the real training path: prepare_batch_mlm (masking on the host) -> teacher
-forward -> student forward/backward -> clip, AdamW step, schedule. FLOPs count the matmuls only
-(teacher forward + student forward and backward = 3x forward); the loss and softmax work is extra.
+Each measured step is the real training path, as `Distiller.train` runs it: prepare_batch_mlm (masking
+on the host) -> `Distiller.step` (non-blocking copies, teacher forward in inference mode, student
+forward/backward, then at the boundary finite check, clip, AdamW step (fused on CUDA), schedule).
+
+MFU = model FLOPs per second / --peak_tflops, with model FLOPs per token counting the matmuls only:
+    teacher forward F(L_t) + student forward and backward 3 F(L_s), where
+    F(L) = L (24 h^2 + 4 s h) + 2 h^2 + 2 h V
+(per layer: 2 x 12 h^2 for the Q, K, V, output and FFN weights, i.e. 2 N_layer; 2 x 2 s h for the
+attention scores and weighted sum; then the MLM head transform and decoder; embeddings and the
+loss/softmax work are not counted). Without the attention terms this is 2 N_t + 6 N_s per token.
 """
 
 import argparse
@@ -145,7 +152,8 @@ def run_setting(shape: Shape, device: torch.device, batch_size: int, seq_len: in
                for b in range(warmup + iters)]
 
     def one_step(batch) -> None:
-        input_ids, attention_mask, labels = (t.to(device) for t in distiller.prepare_batch_mlm(batch))
+        # Host tensors, as in Distiller.train: step copies them without blocking and selects loss rows on the host.
+        input_ids, attention_mask, labels = distiller.prepare_batch_mlm(batch)
         distiller.step(input_ids=input_ids, attention_mask=attention_mask, lm_labels=labels)
 
     def synchronize() -> None:

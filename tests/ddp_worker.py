@@ -71,6 +71,9 @@ def counting_allreduce(counter: list[int]):
     return hook
 
 
+WINDOWS = 3  # accumulation windows of two micro-batches trained before the NaN one
+
+
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     distiller = build_distiller(out_dir / "dump", gradient_accumulation_steps=2)
@@ -80,12 +83,17 @@ def main(out_dir: Path) -> None:
     distiller.student.register_comm_hook(None, counting_allreduce(all_reduces))
 
     ids, lengths = global_batch()
-    reduces_after = []
-    for index in (2 * rank, 2 * rank + 1):
-        batch = distiller.prepare_batch_clm((ids[index : index + 1], lengths[index : index + 1]))
-        distiller.step(input_ids=batch[0], attention_mask=batch[1], lm_labels=batch[2])
-        reduces_after.append(len(all_reduces))
-    result = {"reduces_after": reduces_after, "n_optimizer_steps": distiller.n_optimizer_steps, **snapshot(distiller)}
+    reduces_after = []  # all-reduces counted after each micro-batch, over WINDOWS accumulation windows
+    for window in range(WINDOWS):
+        for index in (2 * rank, 2 * rank + 1):
+            batch = distiller.prepare_batch_clm((ids[index : index + 1], lengths[index : index + 1]))
+            distiller.step(input_ids=batch[0], attention_mask=batch[1], lm_labels=batch[2])
+            reduces_after.append(len(all_reduces))
+        if window == 0:
+            result = {"n_optimizer_steps_after_first": distiller.n_optimizer_steps, **snapshot(distiller)}
+    result["reduces_after"] = reduces_after
+    result["n_optimizer_steps"] = distiller.n_optimizer_steps
+    result["weights_before_nan"] = snapshot(distiller)["weights"]
 
     if rank == 1:
         with torch.no_grad():

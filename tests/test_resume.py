@@ -246,7 +246,7 @@ def test_resume_refuses_changed_flags_and_deletes_nothing(mlm_argv, reference, t
     assert error_line(stderr) == (
         "error: --resume: --learning_rate (run: 0.002, now: 0.001), --seed (run: 3, now: 4) differ from the run's "
         "parameters.json; pass the run's values (only --log_interval, --checkpoint_interval, --eval_interval, "
-        "--eval_data_file, --fp16_opt_level, --dist_timeout may change)"
+        "--eval_data_file, --fp16_opt_level, --dist_timeout, --num_workers, --compile may change)"
     )
     status, stderr = run_main(mlm_argv(reference, "--resume", "--force"), capsys)
     assert status == 1 and "pass only one of them" in error_line(stderr)
