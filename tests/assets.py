@@ -25,7 +25,7 @@ from quickstart import train_wordpiece_tokenizer
 
 MAX_LEN = 64  # model_max_length of every tiny tokenizer and position range of every tiny model
 
-_WORDS = (
+WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
     "they you were her she there been one all we their has would when if so no out up what said its about into "
     "than them can only other new some could time these two may then do first any my now such like our over man "
@@ -40,10 +40,10 @@ _WORDS = (
 def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     """Sentences of Zipf-distributed words (3 to 60 words), deterministic for a seed."""
     rng = random.Random(seed)
-    weights = [1.0 / (rank + 1) for rank in range(len(_WORDS))]
+    weights = [1.0 / (rank + 1) for rank in range(len(WORDS))]
     lines = []
     for _ in range(n_lines):
-        words = rng.choices(_WORDS, weights=weights, k=rng.randint(3, 60))
+        words = rng.choices(WORDS, weights=weights, k=rng.randint(3, 60))
         words[0] = words[0].capitalize()
         lines.append(" ".join(words) + rng.choice([".", "!", "?", ","]))
     return lines
