@@ -5,12 +5,20 @@ Output: `{dump_file}.{tokenizer name}.pickle`, a pickled list of 1-D numpy array
 vocabulary, added tokens included, has fewer than 65,536 entries, else int32), one per non-blank
 line, in shuffled order.
 
+With `--format mmap`, for corpora larger than memory or trained on by many processes per machine:
+`{dump_file}.{tokenizer name}.ids.npy`, `.offsets.npy` and `.order.npy` (the layout is in
+token_data.py), written as the lines are encoded, so memory holds a few batches however large the
+input; train.py and token_counts.py take the `.ids.npy` file as --data_file and memory-map it.
+
 Usage (the original README's command):
     python scripts/binarized_data.py --file_path data/dump.txt --tokenizer_type bert \\
         --tokenizer_name bert-base-uncased --dump_file data/binarized_text
 A local tokenizer directory works too; only its last path component goes into the output name:
     python scripts/binarized_data.py --file_path data/dump.txt --tokenizer_type roberta \\
         --tokenizer_name /models/my-roberta --dump_file data/binarized_text --seed 0 --workers 4
+A corpus larger than memory (writes data/binarized_text.bert-base-uncased.ids.npy, .offsets.npy, .order.npy):
+    python scripts/binarized_data.py --file_path data/dump.txt --tokenizer_type bert \\
+        --tokenizer_name bert-base-uncased --dump_file data/binarized_text --format mmap --workers 8
 """
 
 import argparse
@@ -23,10 +31,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack, closing, contextmanager
 from itertools import chain, islice
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from numpy._core import multiarray as np_multiarray  # _reconstruct: what numpy's pickles call
@@ -34,6 +43,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from cli_utils import ScriptError, atomic_output, run_cli
+from token_data import MMAP_SUFFIX, mmap_files
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -52,6 +62,9 @@ MARKER_ROLES = {
 # valid UTF-8 never produces them.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
+# What --format writes after `{dump_file}.{tokenizer name}`.
+FORMAT_SUFFIXES = {"pickle": ".pickle", "mmap": MMAP_SUFFIX}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -68,7 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer_name", default="bert-base-uncased", help="Hub name or local tokenizer directory."
     )
     parser.add_argument(
-        "--dump_file", default="data/dump", help="Output prefix: writes {dump_file}.{tokenizer name}.pickle."
+        "--dump_file", default="data/dump",
+        help="Output prefix: writes {dump_file}.{tokenizer name}.pickle (.ids.npy and siblings with --format mmap).",
+    )
+    parser.add_argument(
+        "--format", default="pickle", choices=sorted(FORMAT_SUFFIXES),
+        help="[+] pickle: the original's pickled list of arrays, loaded whole by every training process. mmap: "
+        "{dump_file}.{tokenizer name}.ids.npy, .offsets.npy and .order.npy, written streaming and memory-mapped "
+        "by train.py (one shared copy per machine), for corpora larger than memory or many processes per machine.",
     )
     parser.add_argument(
         "--seed", type=int, default=None,
@@ -83,15 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def output_path(dump_file: str, tokenizer_name: str) -> Path:
-    """`{dump_file}.{name}.pickle`, where name is the last component of a path or hub name.
+def output_path(dump_file: str, tokenizer_name: str, output_format: str = "pickle") -> Path:
+    """`{dump_file}.{name}.pickle` (`.ids.npy` for mmap), where name is the last component of a path or hub name.
 
     The original used the whole name, so `--tokenizer_name /models/bert` gave a path into a
     folder that does not exist.
     """
     local = Path(tokenizer_name)
     name = local.resolve().name if local.exists() else tokenizer_name.rstrip("/").rsplit("/", 1)[-1]
-    return Path(f"{dump_file}.{name}.pickle")
+    return Path(f"{dump_file}.{name}{FORMAT_SUFFIXES[output_format]}")
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -261,22 +281,19 @@ def make_executor(encoder: LineEncoder, workers: int) -> tuple[Executor, Callabl
     return executor, _encode_in_worker, workers
 
 
-def encode_corpus(chunks: LineChunks, encoder: LineEncoder, workers: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def encode_corpus(chunks: LineChunks, encoder: LineEncoder, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Encode every chunk, in order, with a progress bar over the bytes of the input.
 
-    Returns:
-        ids: per chunk, the (n_tokens,) ids of its lines one after the other.
-        lengths: per chunk, the (n_lines,) number of ids of each line.
+    Yields:
+        ids: the (n_tokens,) ids of a chunk's lines one after the other.
+        lengths: the (n_lines,) number of ids of each line of the chunk.
     """
-    all_ids, all_lengths = [], []
     executor, fn, parallel = make_executor(encoder, workers)
     with executor, tqdm(total=chunks.path.stat().st_size, unit="B", unit_scale=True, desc="binarizing") as bar:
         # Two batches per worker in flight: none waits for work, and memory stays a few batches.
         for ids, lengths in bounded_map(executor, fn, chunks, depth=2 * parallel):
-            all_ids.append(ids)
-            all_lengths.append(lengths)
             bar.update(chunks.bytes_read - bar.n)
-    return all_ids, all_lengths
+            yield ids, lengths
 
 
 def shuffled_sequences(ids: list[np.ndarray], lengths: list[np.ndarray], seed: int) -> list[np.ndarray]:
@@ -309,6 +326,126 @@ class ArrayListPickler(pickle.Pickler):
         return NotImplemented
 
 
+class NpyAppender:
+    """A 1-D .npy file written piece by piece, its length put in the header when it is closed.
+
+    numpy pads a header so that the length can grow to 21 digits without moving the data (what
+    np.lib.format does for files that grow), so the final header overwrites the first in place.
+
+    Args:
+        handle: a binary file open for writing, at its start.
+        dtype: dtype of the array; appended pieces are converted to it.
+    """
+
+    def __init__(self, handle: BinaryIO, dtype: np.dtype):
+        self.handle = handle
+        self.dtype = np.dtype(dtype)
+        self.size = 0
+        self._header_size = self._write_header()
+
+    def append(self, values: np.ndarray) -> None:
+        """Write (n,) `values` after what is already there."""
+        self.handle.write(np.ascontiguousarray(values, dtype=self.dtype).data)
+        self.size += len(values)
+
+    def finish(self) -> None:
+        """Rewrite the header with the final length; the file is complete once the handle is closed."""
+        self.handle.seek(0)
+        header_size = self._write_header()
+        assert header_size == self._header_size, f"the .npy header grew from {self._header_size} to {header_size} bytes"
+        self.handle.seek(0, os.SEEK_END)
+
+    def _write_header(self) -> int:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.size,)}
+        np.lib.format.write_array_header_1_0(self.handle, header)
+        return self.handle.tell()
+
+
+class MmapWriter:
+    """Writes binarized data in the memory-mapped format (layout in token_data.py) as it comes.
+
+    The ids and offsets go to their files chunk by chunk, so memory holds one chunk however large
+    the corpus; the order (the shuffle, one int64 per sequence) is written by `finish`.
+
+    Args:
+        handles: binary files open for writing, {"ids": ..., "offsets": ..., "order": ...}.
+        dtype: dtype of the ids, see `ids_dtype`.
+    """
+
+    def __init__(self, handles: dict[str, BinaryIO], dtype: np.dtype):
+        self.ids = NpyAppender(handles["ids"], dtype)
+        self.offsets = NpyAppender(handles["offsets"], np.dtype(np.int64))
+        self.offsets.append(np.zeros(1, dtype=np.int64))
+        self.order_handle = handles["order"]
+
+    @property
+    def n_sequences(self) -> int:
+        return self.offsets.size - 1
+
+    def append(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Add sequences: (n_tokens,) `ids` of all of them one after the other, (n,) `lengths` of each."""
+        self.offsets.append(self.ids.size + np.cumsum(lengths, dtype=np.int64))
+        self.ids.append(ids)
+
+    def finish(self, order: np.ndarray) -> None:
+        """Write the (n_sequences,) permutation to train in and complete the headers."""
+        if len(order) != self.n_sequences:
+            raise ValueError(f"an order of {len(order)} sequences for {self.n_sequences} sequences")
+        np.lib.format.write_array(self.order_handle, np.asarray(order, dtype=np.int64))
+        self.ids.finish()
+        self.offsets.finish()
+
+
+@contextmanager
+def mmap_output(ids_path: str | os.PathLike, dtype: np.dtype) -> Iterator[MmapWriter]:
+    """An MmapWriter into temporary files beside the three of `ids_path`, renamed to them if the block completes.
+
+    On an error all three temporary files are removed and earlier files under the final names stay
+    untouched. The order file is renamed first and the ids file last.
+    """
+    with ExitStack() as stack:
+        handles = {}
+        for part, path in mmap_files(ids_path).items():
+            tmp = stack.enter_context(atomic_output(path))
+            handles[part] = stack.enter_context(open(tmp, "wb"))  # closed before its file is renamed
+        yield MmapWriter(handles, dtype)
+
+
+def write_pickle(encoded: Iterable[tuple[np.ndarray, np.ndarray]], target: Path, seed: int) -> tuple[int, int]:
+    """Collect every encoded chunk, shuffle with `seed` and pickle the list of arrays to `target`, atomically.
+
+    Returns:
+        The number of sequences and of tokens written.
+    """
+    ids, lengths = [], []
+    for chunk_ids, chunk_lengths in encoded:
+        ids.append(chunk_ids)
+        lengths.append(chunk_lengths)
+    sequences = shuffled_sequences(ids, lengths, seed)
+    with atomic_output(target) as tmp, open(tmp, "wb") as handle:
+        # Protocol 4, as numpy writes it for small arrays; readable by every Python 3.
+        ArrayListPickler(handle, protocol=4).dump(sequences)
+    return len(sequences), sum(map(len, ids))
+
+
+def write_mmap(
+    encoded: Iterable[tuple[np.ndarray, np.ndarray]], target: Path, seed: int, dtype: np.dtype
+) -> tuple[int, int]:
+    """Stream every encoded chunk to the memory-mapped format at `target`, atomically, shuffled with `seed`.
+
+    The shuffle is the pickle's (same seed, same order of sequences), stored as a permutation: the
+    ids stay in the order they were read.
+
+    Returns:
+        The number of sequences and of tokens written.
+    """
+    with mmap_output(target, dtype) as writer:
+        for ids, lengths in encoded:
+            writer.append(ids, lengths)
+        writer.finish(np.random.default_rng(seed).permutation(writer.n_sequences))
+    return writer.n_sequences, writer.ids.size
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logger.info("Arguments: %s", vars(args))
@@ -318,26 +455,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = ids_dtype(len(tokenizer))
     logger.info("Lines become %r ... %r; %d tokens in the vocabulary: ids are %s", start, end, len(tokenizer), dtype)
     encoder = LineEncoder(tokenizer.backend_tokenizer, start, end, dtype)
+    seed = secrets.randbits(32) if args.seed is None else args.seed
+    logger.info("Shuffling with seed %d%s", seed, "" if args.seed is not None else f"; --seed {seed} repeats it")
 
+    target = output_path(args.dump_file, args.tokenizer_name, args.format)
     began = time.perf_counter()
     chunks = LineChunks(args.file_path, args.batch_size)
-    ids, lengths = encode_corpus(chunks, encoder, args.workers)
-    n_sequences = sum(map(len, lengths))
+    # closing(): on an error the workers stop now, not when the generator is collected.
+    with closing(encode_corpus(chunks, encoder, args.workers)) as encoded:
+        if args.format == "mmap":
+            n_sequences, n_tokens = write_mmap(encoded, target, seed, dtype)
+        else:
+            n_sequences, n_tokens = write_pickle(encoded, target, seed)
     elapsed = time.perf_counter() - began
     logger.info(
         "%d lines read, %d blank lines skipped, %d sequences, %d tokens, in %.1fs (%.0f lines/s)",
-        chunks.n_lines, chunks.n_blank, n_sequences, sum(map(len, ids)), elapsed, chunks.n_lines / elapsed,
+        chunks.n_lines, chunks.n_blank, n_sequences, n_tokens, elapsed, chunks.n_lines / elapsed,
     )
-
-    seed = secrets.randbits(32) if args.seed is None else args.seed
-    logger.info("Shuffling with seed %d%s", seed, "" if args.seed is not None else f"; --seed {seed} repeats it")
-    sequences = shuffled_sequences(ids, lengths, seed)
-
-    target = output_path(args.dump_file, args.tokenizer_name)
-    with atomic_output(target) as tmp, open(tmp, "wb") as handle:
-        # Protocol 4, as numpy writes it for small arrays; readable by every Python 3.
-        ArrayListPickler(handle, protocol=4).dump(sequences)
-    logger.info("Wrote %d sequences to %s", len(sequences), target)
+    logger.info("Wrote %d sequences to %s", n_sequences, target)
 
 
 if __name__ == "__main__":

@@ -260,3 +260,26 @@ def test_pickle_is_numpys_own_format(tmp_path):
             (a.dtype, a.tolist(), True) for a in pickle.loads(pickle.dumps(sequences, protocol=4))
         ]
     assert len(path.read_bytes()) < len(pickle.dumps(sequences, protocol=4))  # the shared part is stored once
+
+
+def test_output_path_of_the_memory_mapped_format():
+    assert output_path("data/dump", "bert-base-uncased", "mmap") == Path("data/dump.bert-base-uncased.ids.npy")
+    assert output_path("data/x", "/no/such/dir/my-tok/", "mmap") == Path("data/x.my-tok.ids.npy")
+
+
+def test_npy_appender_writes_a_file_numpy_loads(tmp_path):
+    path = tmp_path / "grown.npy"
+    with open(path, "wb") as handle:
+        appender = binarized_data.NpyAppender(handle, np.dtype(np.int32))
+        for piece in (np.arange(5), np.array([], dtype=np.int64), np.arange(70_000, 70_003)):
+            appender.append(piece)
+        appender.finish()
+    loaded = np.load(path, mmap_mode="r")
+    assert loaded.dtype == np.int32 and loaded.tolist() == [0, 1, 2, 3, 4, 70_000, 70_001, 70_002]
+
+
+def test_npy_header_keeps_its_size_up_to_the_largest_lengths(tmp_path):
+    with open(tmp_path / "header.npy", "wb") as handle:
+        appender = binarized_data.NpyAppender(handle, np.dtype(np.uint16))
+        appender.size = 10**20  # a length of 21 digits: the header is rewritten in place (it asserts so)
+        appender.finish()

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import lm_seqs_dataset
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
-from lm_seqs_dataset import LmSeqsDataset
+from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
 from utils import UserError
 
 # BERT-like ids for MLM; GPT-2-like for CLM, where one id is bos, eos and unk at once.
@@ -127,7 +127,7 @@ def random_corpus(seed: int, n: int, start: int, end: int, unk: int) -> list[np.
 @pytest.mark.parametrize("max_size", [13, 32, 512])
 @pytest.mark.parametrize("mlm", [True, False])
 def test_equals_the_slow_reference(monkeypatch, max_size, mlm):
-    monkeypatch.setattr(lm_seqs_dataset, "_KEEP_BLOCK", 7)  # in-place compaction over many blocks
+    monkeypatch.setattr(lm_seqs_dataset, "_SCAN_BLOCK", 7)  # the unknown-token scan over many blocks
     ids = MLM_IDS if mlm else CLM_IDS
     start, end = (CLS, SEP) if mlm else (EOT, EOT)
     data = random_corpus(max_size, 2000, start, end, ids["unk_token"])
@@ -232,3 +232,51 @@ def test_distributed_loading_covers_every_sequence_once_per_epoch():
         assert len(seen) == n_padded and set(seen) == set(range(len(dataset)))
         epoch_orders.append(seen)
     assert epoch_orders[0] != epoch_orders[1]
+
+
+# ---------------------------------------------------------------- FlatCorpus (the memory-mapped format's input)
+
+
+@pytest.mark.parametrize("max_size", [13, 512])
+@pytest.mark.parametrize("mlm", [True, False])
+def test_flat_corpus_serves_its_order_and_equals_the_slow_reference(monkeypatch, max_size, mlm):
+    """Sequences stored in one order and served in another (a shuffle kept as a permutation)."""
+    monkeypatch.setattr(lm_seqs_dataset, "_SCAN_BLOCK", 64)  # the unknown-token scan over many blocks
+    ids = MLM_IDS if mlm else CLM_IDS
+    start, end = (CLS, SEP) if mlm else (EOT, EOT)
+    stored = random_corpus(7, 1000, start, end, ids["unk_token"])
+    order = np.random.default_rng(0).permutation(len(stored))
+    flat = FlatCorpus.from_arrays(stored)
+    dataset = LmSeqsDataset(params(max_size=max_size, mlm=mlm), FlatCorpus(flat.ids, flat.offsets, order))
+    served = [stored[k] for k in order]
+    assert items(dataset) == slow_reference(served, max_size, start, end, ids["unk_token"])
+    assert items(dataset) == items(LmSeqsDataset(params(max_size=max_size, mlm=mlm), served))
+
+
+def test_items_are_views_of_the_ids_and_chunks_get_their_markers_back():
+    data = [seq(CLS, *words(100, 38), SEP), seq(CLS, *words(200, 12), SEP)]
+    dataset = LmSeqsDataset(params(max_size=16), data)
+    assert items(dataset) == [[CLS, *words(100, 13), SEP], [CLS, *words(113, 14), SEP], [CLS, *words(127, 11), SEP],
+                              [CLS, *words(200, 12), SEP]]
+    assert dataset.add_start.tolist() == [False, True, True, False]
+    assert dataset.add_end.tolist() == [True, True, False, False]
+    whole, _ = dataset[3]
+    assert np.shares_memory(whole, dataset.token_ids) and not whole.flags.writeable
+    assert dataset.token_ids.size == sum(map(len, data))  # no chunk copied its ids or its markers in
+
+
+@pytest.mark.parametrize(
+    "offsets, order, message",
+    [
+        ([0, 5, 9], None, "run from 0 to 9"),
+        ([0, 8, 5, 10], None, "go backwards"),
+        ([1, 10], None, "run from 1 to 10"),
+        ([0], None, "holds no sequence"),
+        ([0, 4, 10], [0, 0], "not a permutation"),
+        ([0, 4, 10], [0, 1, 2], "not a permutation"),
+        ([0, 4, 10], [1, 2], "not a permutation"),
+    ],
+)
+def test_flat_corpus_that_does_not_fit_together_raises_a_user_error(offsets, order, message):
+    with pytest.raises(UserError, match=message):
+        FlatCorpus(np.zeros(10, dtype=np.uint16), np.array(offsets), None if order is None else np.array(order))
