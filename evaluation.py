@@ -18,9 +18,11 @@ import math
 import os
 import pickle
 from argparse import Namespace
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -28,10 +30,11 @@ from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from lm_seqs_dataset import LmSeqsDataset
-from scripts.token_data import TokenDataError, load_token_id_arrays
+from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
+from scripts.token_data import TokenDataError, is_mmap_file, load_token_id_arrays, load_token_id_mmap
 from utils import IGNORE_INDEX, UserError, logger, run_command, special_token_ids, write_json
 
+T = TypeVar("T")
 EvalBatch = tuple[Tensor, Tensor, Tensor]  # input_ids (bs, len), attention_mask (bs, len) bool, labels (bs, len)
 
 CAUSAL_MODEL_TYPES = ("gpt2",)
@@ -80,6 +83,7 @@ def build_eval_batches(
     mask_token_id: int | None = None,
     mask_prop: float = 0.15,
     seed: int = 0,
+    max_sequences: int | None = None,
 ) -> list[EvalBatch]:
     """The held-out set as fixed batches in dataset order, masked once (MLM) with a seeded generator.
 
@@ -92,8 +96,9 @@ def build_eval_batches(
     generator = torch.Generator().manual_seed(seed)
     special = torch.tensor(sorted(special_ids), dtype=torch.long)
     batches = []
-    for start in range(0, len(dataset), batch_size):
-        token_ids, lengths = dataset.batch_sequences([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+    n_sequences = len(dataset) if max_sequences is None else min(max_sequences, len(dataset))
+    for start in range(0, n_sequences, batch_size):
+        token_ids, lengths = dataset.batch_sequences([dataset[i] for i in range(start, min(start + batch_size, n_sequences))])
         attention_mask = torch.arange(token_ids.size(1)) < lengths[:, None]
         if mlm:
             token_ids, labels = mask_for_evaluation(token_ids, lengths, special, mask_token_id, mask_prop, generator)
@@ -219,9 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--mask_prop", type=float, default=0.15, help="Share of each sequence's tokens masked (MLM).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the masked positions: same seed, same positions.")
-    parser.add_argument("--max_sequences", type=int, default=None, help="Evaluate only the first N sequences.")
+    parser.add_argument(
+        "--max_sequences", type=int, default=None, help="Evaluate only the first N sequences (after cleaning)."
+    )
     parser.add_argument("--output_json", default=None, help="Also write the figures to this JSON file.")
     return parser
+
+
+def load_token_file(loader: Callable[[str], T], path: str, flag: str) -> T:
+    """`loader(path)`, a safe reader of scripts/token_data.py, with its TokenDataError a UserError naming `flag`."""
+    logger.info(f"Loading {flag} {path}")
+    try:
+        return loader(path)
+    except TokenDataError as err:
+        raise UserError(f"could not read {flag}: {err}") from err
+
+
+def load_binarized_data(path: str, flag: str) -> list[np.ndarray] | FlatCorpus:
+    """Binarized data, told apart by name: a `.npy` file is memory-mapped, anything else is a pickle."""
+    if is_mmap_file(path):
+        return FlatCorpus(*load_token_file(load_token_id_mmap, path, flag))
+    return load_token_file(load_token_id_arrays, path, flag)
 
 
 def load_eval_batches(
@@ -229,16 +252,13 @@ def load_eval_batches(
     mask_prop: float, seed: int, max_sequences: int | None = None,
 ) -> list[EvalBatch]:
     """Read a binarized held-out file (safely: nothing in it can run) and turn it into fixed evaluation batches."""
-    try:
-        data = load_token_id_arrays(data_file)
-    except TokenDataError as err:
-        raise UserError(f"could not read --data_file: {err}") from err
-    if max_sequences is not None:
-        data = data[:max_sequences]
+    data = load_binarized_data(data_file, "--data_file")
     special = special_token_ids(tokenizer)
     params = Namespace(max_model_input_size=max_input_size, mlm=mlm, special_tok_ids=special, is_master=True)
     dataset = LmSeqsDataset(params, data)
-    return build_eval_batches(dataset, batch_size, mlm, special.values(), special.get("mask_token"), mask_prop, seed)
+    return build_eval_batches(
+        dataset, batch_size, mlm, special.values(), special.get("mask_token"), mask_prop, seed, max_sequences
+    )
 
 
 def _max_positions(model: nn.Module) -> int:

@@ -45,9 +45,8 @@ import shlex
 import shutil
 import sys
 from argparse import Namespace
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -71,9 +70,9 @@ from transformers import (
 )
 
 from distiller import LOSS_TERMS, TEACHER_TERMS, TRAINING_STATE, Distiller, load_training_state
-from evaluation import Evaluator, build_eval_batches
-from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
-from scripts.token_data import TokenDataError, is_mmap_file, load_token_counts, load_token_id_arrays, load_token_id_mmap
+from evaluation import Evaluator, build_eval_batches, load_binarized_data, load_token_file
+from lm_seqs_dataset import LmSeqsDataset
+from scripts.token_data import load_token_counts
 from utils import (
     DIST_TIMEOUT_S,
     NonFiniteLossError,
@@ -88,8 +87,6 @@ from utils import (
     special_token_ids,
     write_json,
 )
-
-T = TypeVar("T")
 
 STUDENT_CLASSES = {
     "distilbert": (DistilBertConfig, DistilBertForMaskedLM),
@@ -504,22 +501,6 @@ def max_model_input_size(args: Namespace, tokenizer: PreTrainedTokenizerBase, te
     return args.max_model_input_size
 
 
-def load_token_file(loader: Callable[[str], T], path: str, flag: str) -> T:
-    """`loader(path)`, a safe reader of scripts/token_data.py, with its TokenDataError a UserError naming `flag`."""
-    logger.info(f"Loading {flag} {path}")
-    try:
-        return loader(path)
-    except TokenDataError as err:
-        raise UserError(f"could not read {flag}: {err}") from err
-
-
-def load_binarized_data(path: str, flag: str) -> list[np.ndarray] | FlatCorpus:
-    """--data_file or --eval_data_file, told apart by name: a `.npy` file is memory-mapped, else a pickle."""
-    if is_mmap_file(path):
-        return FlatCorpus(*load_token_file(load_token_id_mmap, path, flag))
-    return load_token_file(load_token_id_arrays, path, flag)
-
-
 def load_tokenizer(args: Namespace) -> PreTrainedTokenizerBase:
     """The teacher's tokenizer."""
     try:
@@ -662,6 +643,7 @@ def run(args: Namespace) -> None:
         counts = load_token_file(load_token_counts, args.token_counts, "--token_counts")
         token_probs = token_probs_from_counts(counts, args.special_tok_ids.values(), args.mlm_smoothing)
     dataset = LmSeqsDataset(args, data)
+    del data  # the dataset holds its own flat copy (or a view of the map): free the list of arrays
 
     student = build_student(args)
     freeze_embeddings(student, args)

@@ -105,3 +105,27 @@ def test_figures_equal_a_hand_computation(mlm):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
     assert got["perplexity"] == pytest.approx(math.exp(want["loss"]), rel=1e-5)
     assert student.calls == teacher.calls == len(batches)
+
+
+def test_cli_reads_pickle_and_memory_mapped_data_alike(corpus_file, teacher_dirs, tmp_path):
+    """evaluation.py reads both binarized formats through the same safe readers as train.py."""
+    import json
+
+    import binarized_data
+    import convert_to_mmap
+    import evaluation
+
+    teacher = str(teacher_dirs["bert"])
+    binarized_data.main(["--file_path", str(corpus_file), "--tokenizer_type", "bert", "--tokenizer_name", teacher,
+                         "--dump_file", str(tmp_path / "held_out"), "--seed", "0"])
+    pickle_file = tmp_path / f"held_out.{teacher_dirs['bert'].name}.pickle"
+    mmap_file = tmp_path / "held_out.ids.npy"
+    convert_to_mmap.main(["--data_file", str(pickle_file), "--mmap_file", str(mmap_file)])
+    figures = {}
+    for name, data_file in (("pickle", pickle_file), ("mmap", mmap_file)):
+        out = tmp_path / f"{name}.json"
+        evaluation.main(["--data_file", str(data_file), "--student", teacher, "--tokenizer_name", teacher,
+                         "--max_sequences", "40", "--output_json", str(out)])
+        figures[name] = json.loads(out.read_text())["student"]
+    assert figures["pickle"] == figures["mmap"]
+    assert figures["pickle"]["n_targets"] > 0
