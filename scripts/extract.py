@@ -14,15 +14,7 @@ fits neither distilroberta-base.json (768 wide) nor a GPT-2 student.
 from collections.abc import Sequence
 
 from cli_utils import run_cli
-from extraction import (
-    KeyTable,
-    build_parser,
-    extract,
-    resolve_defaults,
-    same_name,
-    same_name_modules,
-    weight_and_bias,
-)
+from extraction import KeyTable, run_extraction, same_name, same_name_modules, weight_and_bias
 from transformers import GPT2LMHeadModel, RobertaForMaskedLM
 
 _ROBERTA_LAYER_MODULES = (
@@ -81,10 +73,7 @@ DEFAULT_NAMES = {"roberta": "roberta-base", "gpt2": "gpt2"}
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the flags, extract, write the checkpoint."""
-    parser = build_parser(__doc__.splitlines()[0], list(TABLES), DEFAULT_NAMES)
-    args = parser.parse_args(argv)
-    resolve_defaults(args, DEFAULT_NAMES)
-    extract(args, TABLES)
+    run_extraction(__doc__.splitlines()[0], TABLES, DEFAULT_NAMES, argv)
 
 
 if __name__ == "__main__":

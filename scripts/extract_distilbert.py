@@ -11,7 +11,7 @@ parameter names, for train.py's `--student_pretrained_weights`.
 from collections.abc import Sequence
 
 from cli_utils import run_cli
-from extraction import KeyTable, build_parser, extract, resolve_defaults, weight_and_bias
+from extraction import KeyTable, run_extraction, weight_and_bias
 from transformers import BertForMaskedLM
 
 _STUDENT_LAYER = "distilbert.transformer.layer.{layer}"
@@ -52,10 +52,7 @@ DEFAULT_NAMES = {"bert": "bert-base-uncased"}
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the flags, extract, write the checkpoint."""
-    parser = build_parser(__doc__.splitlines()[0], list(TABLES), DEFAULT_NAMES)
-    args = parser.parse_args(argv)
-    resolve_defaults(args, DEFAULT_NAMES)
-    extract(args, TABLES)
+    run_extraction(__doc__.splitlines()[0], TABLES, DEFAULT_NAMES, argv)
 
 
 if __name__ == "__main__":

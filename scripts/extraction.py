@@ -254,3 +254,12 @@ def extract(args: argparse.Namespace, tables: Mapping[str, KeyTable]) -> None:
     logger.info("%d layers selected for distillation: teacher layers %s", len(args.layers), args.layers)
     logger.info("Number of tensors transferred for distillation: %d (%.1fM values)", len(state), n_params / 1e6)
     logger.info("Saved the transferred checkpoint to %s", args.dump_checkpoint)
+
+
+def run_extraction(
+    description: str, tables: Mapping[str, KeyTable], default_names: Mapping[str, str], argv: Sequence[str] | None
+) -> None:
+    """The whole command of an extraction script: parse its flags, fill the defaults, extract, write."""
+    args = build_parser(description, list(tables), default_names).parse_args(argv)
+    resolve_defaults(args, default_names)
+    extract(args, tables)

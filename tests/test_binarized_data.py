@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import binarized_data
 from binarized_data import ids_dtype, output_path
+from cli_checks import assert_one_line_error
 from cli_utils import ScriptError
 from token_data import load_token_id_arrays
 
@@ -130,15 +131,6 @@ def expected_ids(tokenizer_dir: Path, kind: str, lines: list[str]) -> list[list[
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     start, end = MARKERS[kind]
     return [tokenizer.encode(f"{start} {line.strip()} {end}", add_special_tokens=False) for line in lines]
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in last
 
 
 @pytest.mark.parametrize("kind", sorted(MARKERS))

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import assets
 import train
+from cli_checks import error_line, run_main
 from distiller import TRAINING_STATE, EpochRandomSampler
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
@@ -85,21 +86,6 @@ def assert_resumed_run_equals(dump, reference) -> None:
     assert_same_weights(dump, reference)
     assert scalars(dump) == scalars(reference)
     assert not [path.name for path in dump.iterdir() if path.name.endswith(".tmp")]
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    """train.main in this process: (exit status, stderr)."""
-    try:
-        train.main(argv)
-    except SystemExit as exit_info:
-        return exit_info.code, capsys.readouterr().err
-    return 0, capsys.readouterr().err
-
-
-def error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, stderr[-3000:]
-    return lines[0]
 
 
 def after_iteration(monkeypatch, iteration: int, action) -> None:

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 import assets
 import distiller
 import evaluation
-import train
+from cli_checks import error_line, run_main
 from token_data import TokenDataError, load_token_counts
 from utils import UserError
 
@@ -29,21 +29,6 @@ class Payload:
 
     def __reduce__(self):
         return open, (self.path, "w")
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        train.main(argv)
-    except SystemExit as exit_info:
-        return exit_info.code, capsys.readouterr().err
-    return 0, capsys.readouterr().err
-
-
-def error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, stderr[-3000:]
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

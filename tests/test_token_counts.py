@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import token_counts
+from cli_checks import assert_one_line_error
 from cli_utils import ScriptError
 from token_data import TokenDataError, load_token_id_arrays
 from token_counts import count_tokens
@@ -106,15 +107,6 @@ def runs(tmp_path_factory, repo_root, bad_files):
         results[case] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), output)
     results["ok"] += (sequences,)
     return results
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in last
 
 
 def test_cli_counts_equal_a_slow_count(runs):
