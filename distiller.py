@@ -539,6 +539,8 @@ class Distiller:
         self.window_finite = torch.ones(len(self.finite_terms), dtype=torch.bool, device=self.device)
         self.last_log = time.time()
         self.window_start: dict | None = None  # resume point at the start of the current accumulation window
+        # Only the cosine loss reads hidden states: without it, neither model keeps every layer's output.
+        self.want_hidden = self.alphas["cos"] > 0
         self.stop_signals = _StopSignals()
         self.stop_signal = 0  # the signal every process agreed to stop on at the last optimizer step; 0: none
         self.resumed = training_state is not None
@@ -642,7 +644,9 @@ class Distiller:
                 )
                 for batch in iter_bar:
                     if self.n_total_iter % self.gradient_accumulation_steps == 0:
-                        self.window_start = self.resume_point()  # a save inside this window resumes from here
+                        # A save inside this window resumes from here. Taken before prepare_batch, whose
+                        # masking draws from the generators this snapshot records.
+                        self.window_start = self.resume_point()
                     input_ids, attention_mask, lm_labels = self.prepare_batch(batch)  # on the host; step copies
                     self.step(input_ids=input_ids, attention_mask=attention_mask, lm_labels=lm_labels)
                     if self.n_total_iter % self.log_interval == 0:
@@ -700,14 +704,17 @@ class Distiller:
                 if self.teacher is not None:
                     # Inference mode (no autograd bookkeeping at all), in the autocast dtype.
                     with torch.inference_mode():
-                        t_output = self.teacher(input_ids=input_ids, attention_mask=model_mask)
-                s_output = self.student(input_ids=input_ids, attention_mask=model_mask)
-            want_hidden = self.alphas["cos"] > 0
+                        t_output = self.teacher(
+                            input_ids=input_ids, attention_mask=model_mask, output_hidden_states=self.want_hidden
+                        )
+                s_output = self.student(
+                    input_ids=input_ids, attention_mask=model_mask, output_hidden_states=self.want_hidden
+                )
             losses = compute_losses(
                 s_output.logits,
                 t_output.logits if t_output is not None else None,
-                s_output.hidden_states[-1] if want_hidden else None,
-                t_output.hidden_states[-1] if want_hidden else None,
+                s_output.hidden_states[-1] if self.want_hidden else None,
+                t_output.hidden_states[-1] if self.want_hidden else None,
                 attention_mask,
                 lm_labels,
                 self.alphas,
