@@ -211,12 +211,22 @@ class LineChunks:
 
 
 def load_tokenizer(name: str) -> "PreTrainedTokenizerBase":
-    """AutoTokenizer for a hub name or a local directory; any failure becomes a one-line ScriptError."""
+    """The fast tokenizer of a hub name or a local directory; any failure becomes a one-line ScriptError.
+
+    A tokenizer.json is loaded by the generic fast class: AutoTokenizer would first import torch
+    (seconds of start-up) to read the model's config. Only a tokenizer without one goes through
+    AutoTokenizer, which converts it from its model-specific files.
+    """
     # Imported here: worker processes re-import this module and only need the Rust tokenizer.
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(name)
+        except Exception:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name)
     # transformers reports "not a tokenizer" as OSError, ValueError, KeyError... depending on what is missing.
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -14,8 +14,11 @@ Memory-mapped data (binarized_data.py --format mmap) is counted a slice at a tim
 
 import argparse
 import logging
+import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from operator import attrgetter
 from pathlib import Path
@@ -64,19 +67,14 @@ def count_tokens(sequences: Sequence[np.ndarray], vocab_size: int) -> list[int]:
     Raises:
         ScriptError: an id is negative or not below `vocab_size`.
     """
-    counts = _zero_counts(vocab_size)
-    dtypes = set(map(attrgetter("dtype"), sequences))
-    common_dtype = dtypes.pop() if len(dtypes) == 1 else None
-    largest = partial(_largest_in_arrays, sequences)
-    for start in range(0, len(sequences), _GROUP):
-        _count_into(counts, _gather(sequences[start : start + _GROUP], common_dtype), largest)
-    return counts.tolist()
+    groups = (sequences[start : start + _GROUP] for start in range(0, len(sequences), _GROUP))
+    return _count_chunks((partial(_gather, group) for group in groups), vocab_size, partial(_largest_in_arrays, sequences))
 
 
 def count_token_ids(ids: np.ndarray, vocab_size: int) -> list[int]:
     """Occurrences of every id in one flat id array, which may be memory-mapped, a slice at a time.
 
-    Memory stays one slice whatever the size of `ids`: a mapped corpus is read once, never loaded.
+    Memory stays a few slices whatever the size of `ids`: a mapped corpus is read once, never loaded.
 
     Args:
         ids: (n_tokens,) integer token ids (uint16 or int32).
@@ -88,11 +86,8 @@ def count_token_ids(ids: np.ndarray, vocab_size: int) -> list[int]:
     Raises:
         ScriptError: an id is negative or not below `vocab_size`.
     """
-    counts = _zero_counts(vocab_size)
-    largest = partial(_largest_in_flat, ids)
-    for begin in range(0, ids.size, _SLICE):
-        _count_into(counts, ids[begin : begin + _SLICE], largest)
-    return counts.tolist()
+    slices = (partial(ids.__getitem__, slice(begin, begin + _SLICE)) for begin in range(0, ids.size, _SLICE))
+    return _count_chunks(slices, vocab_size, partial(_largest_in_flat, ids))
 
 
 def _zero_counts(vocab_size: int) -> np.ndarray:
@@ -102,11 +97,31 @@ def _zero_counts(vocab_size: int) -> np.ndarray:
     return np.zeros(vocab_size, dtype=np.int64)
 
 
-def _count_into(counts: np.ndarray, ids: np.ndarray, largest: Callable[[], int]) -> None:
-    """Add the occurrences of (n,) `ids` to `counts`, in slices; `largest()` names the largest id of all on error."""
-    _check_ids(ids, len(counts), largest)
-    for begin in range(0, ids.size, _SLICE):
-        counts += np.bincount(ids[begin : begin + _SLICE], minlength=len(counts))
+def _count_chunks(chunks: Iterable[Callable[[], np.ndarray]], vocab_size: int, largest: Callable[[], int]) -> list[int]:
+    """Sum the counts of every chunk of ids (each read by calling it), on one thread per core.
+
+    np.bincount releases the GIL while it converts and counts, so one thread's counting overlaps
+    another's gathering. `largest()` names the largest id of all on error.
+    """
+    counts = _zero_counts(vocab_size)
+
+    def count(chunk: Callable[[], np.ndarray]) -> np.ndarray:
+        ids = chunk()
+        _check_ids(ids, vocab_size, largest)
+        slices = (ids[begin : begin + _SLICE] for begin in range(0, ids.size, _SLICE))
+        return sum((np.bincount(part, minlength=vocab_size) for part in slices), start=np.zeros(vocab_size, np.int64))
+
+    n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(n_threads) as pool:
+        # Executor.map would submit every chunk at once; a bounded window keeps memory to a few chunks.
+        pending: deque[Future] = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(count, chunk))
+            if len(pending) > 8 * n_threads:
+                counts += pending.popleft().result()
+        while pending:
+            counts += pending.popleft().result()
+    return counts.tolist()
 
 
 def _largest_in_arrays(sequences: Sequence[np.ndarray]) -> int:
@@ -119,15 +134,16 @@ def _largest_in_flat(ids: np.ndarray) -> int:
     return max(int(ids[begin : begin + _SLICE].max()) for begin in range(0, ids.size, _SLICE))
 
 
-def _gather(group: Sequence[np.ndarray], common_dtype: np.dtype | None) -> np.ndarray:
+def _gather(group: Sequence[np.ndarray]) -> np.ndarray:
     """The ids of `group`, one array after the other.
 
     When every array has the same dtype, bytes.join copies them about twice as fast as
     np.concatenate, which is most of the time spent on many short arrays.
     """
-    if common_dtype is not None:
+    dtypes = set(map(attrgetter("dtype"), group))
+    if len(dtypes) == 1:
         try:
-            return np.frombuffer(b"".join(group), dtype=common_dtype)
+            return np.frombuffer(b"".join(group), dtype=dtypes.pop())
         except TypeError:  # a non-contiguous array has no flat buffer: numpy copies it below
             pass
     return np.concatenate(group)
