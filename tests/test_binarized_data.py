@@ -275,3 +275,32 @@ def test_npy_header_keeps_its_size_up_to_the_largest_lengths(tmp_path):
         appender = binarized_data.NpyAppender(handle, np.dtype(np.uint16))
         appender.size = 10**20  # a length of 21 digits: the header is rewritten in place (it asserts so)
         appender.finish()
+
+
+def test_a_tokenizer_json_loads_without_importing_torch(tokenizer_dirs):
+    """AutoTokenizer would import torch to read the model config: seconds of start-up per run."""
+    probe = (
+        "import sys, binarized_data; "
+        f"tokenizer = binarized_data.load_tokenizer({str(tokenizer_dirs['roberta'])!r}); "
+        "print(tokenizer.mask_token, 'torch' in sys.modules)"
+    )
+    scripts = Path(binarized_data.__file__).parent
+    result = subprocess.run([sys.executable, "-c", probe], cwd=scripts, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["<mask>", "False"]
+
+
+def test_a_tokenizer_without_tokenizer_json_goes_through_autotokenizer(tokenizer_dirs, corpus_lines, tmp_path):
+    """A BERT vocab.txt alone, as older hub repositories have: the generic fast class cannot build it,
+    AutoTokenizer can."""
+    import json
+
+    from transformers import BertTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(tokenizer_dirs["bert"]).get_vocab()
+    (tmp_path / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    tokenizer = binarized_data.load_tokenizer(str(tmp_path))
+    reference = BertTokenizer(vocab=vocab)
+    assert type(tokenizer) is BertTokenizer
+    for line in corpus_lines[:20]:
+        assert tokenizer.backend_tokenizer.encode(line).ids == reference.backend_tokenizer.encode(line).ids
