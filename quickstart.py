@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, default=128, help="Hidden size of the local teacher (and the student).")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--teacher_layers", type=int, default=4)
-    parser.add_argument("--teacher_epochs", type=int, default=7, help="Masked-LM pretraining epochs of the local teacher.")
+    parser.add_argument("--teacher_epochs", type=int, default=6, help="Masked-LM pretraining epochs of the local teacher.")
     parser.add_argument("--student_layers", default="0 2", help="Teacher layers the student starts from (one per student layer).")
     parser.add_argument("--distil_epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=32)
@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ))
 
     results = evaluate_all(args, teacher, tokenizer, student_init, student_config, runs, data["held_out"])
-    write_report(out, results, runs, timings)
+    write_report(out, results, runs if args.teacher_name else {"teacher": teacher, **runs}, timings)
     return results
 
 
@@ -284,7 +284,7 @@ def results_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def write_report(out: Path, results: dict, runs: dict[str, Path], timings: dict[str, float]) -> None:
-    """Print the table; write results.md, results.json and training_curves.png in `out`."""
+    """Print the table; write results.md, results.json and training_curves.png (of `runs`) in `out`."""
     table = results_table(results)
     n_targets = next(iter(results.values()))["n_targets"]
     timing_lines = "\n".join(f"- {step}: {seconds:.0f} s" for step, seconds in timings.items())
@@ -312,18 +312,33 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     return [s.step for s in scalars], [s.value for s in scalars]
 
 
+def moving_average(steps: list[int], values: list[float], window: int) -> tuple[list[int], list[float]]:
+    """Means of `window` consecutive values, at the step of each window's last value."""
+    if len(values) < window:
+        return steps, values
+    sums = [sum(values[i - window : i]) for i in range(window, len(values) + 1)]
+    return steps[window - 1 :], [total / window for total in sums]
+
+
 def plot_training_curves(runs: dict[str, Path], path: Path) -> None:
-    """MLM loss and held-out accuracy against training steps, for every student run."""
+    """The students' training masked-LM loss (averaged over 10 log points: single batches are noisy)
+    and held-out accuracy, against iterations; and the teacher's held-out accuracy while it was
+    pretrained, when `runs` has a "teacher" run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, run_dir in runs.items():
-        axes[0].plot(*read_scalars(run_dir, "losses/loss_mlm"), label=name)
+    students = {name: run_dir for name, run_dir in runs.items() if name != "teacher"}
+    fig, axes = plt.subplots(1, 3 if "teacher" in runs else 2, figsize=(16 if "teacher" in runs else 11, 4))
+    for name, run_dir in students.items():
+        axes[0].plot(*moving_average(*read_scalars(run_dir, "losses/loss_mlm"), window=10), label=name)
         axes[1].plot(*read_scalars(run_dir, "eval/accuracy"), marker="o", label=name)
-    for ax, title in zip(axes, ("training masked-LM loss", "held-out masked-token accuracy")):
+    titles = ["students: training masked-LM loss", "students: held-out masked-token accuracy"]
+    if "teacher" in runs:
+        axes[2].plot(*read_scalars(runs["teacher"], "eval/accuracy"), marker="o", label="teacher", color="black")
+        titles.append("teacher pretraining: held-out masked-token accuracy")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.legend()
