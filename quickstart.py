@@ -334,7 +334,8 @@ def plot_training_curves(runs: dict[str, Path], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     students = {name: run_dir for name, run_dir in runs.items() if name != "teacher"}
-    fig, axes = plt.subplots(1, 3 if "teacher" in runs else 2, figsize=(16 if "teacher" in runs else 11, 4))
+    n_panels = 3 if "teacher" in runs else 2
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4))
     for name, run_dir in students.items():
         axes[0].plot(*moving_average(*read_scalars(run_dir, "losses/loss_mlm"), window=10), label=name)
         axes[1].plot(*read_scalars(run_dir, "eval/accuracy"), marker="o", label=name)

@@ -217,16 +217,8 @@ def load_tokenizer(name: str) -> "PreTrainedTokenizerBase":
     (seconds of start-up) to read the model's config. Only a tokenizer without one goes through
     AutoTokenizer, which converts it from its model-specific files.
     """
-    # Imported here: worker processes re-import this module and only need the Rust tokenizer.
-    from transformers import PreTrainedTokenizerFast
-
     try:
-        try:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(name)
-        except Exception:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = _fast_or_auto_tokenizer(name)
     # transformers reports "not a tokenizer" as OSError, ValueError, KeyError... depending on what is missing.
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -234,6 +226,19 @@ def load_tokenizer(name: str) -> "PreTrainedTokenizerBase":
     if not getattr(tokenizer, "is_fast", False):
         raise ScriptError(f"--tokenizer_name {name!r} has no fast (Rust) tokenizer, which batched encoding needs")
     return tokenizer
+
+
+def _fast_or_auto_tokenizer(name: str) -> "PreTrainedTokenizerBase":
+    """The generic fast class when `name` has a tokenizer.json, AutoTokenizer otherwise."""
+    # Imported here: worker processes re-import this module and only need the Rust tokenizer.
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(name)
+    except Exception:  # no tokenizer.json (or not a tokenizer at all: AutoTokenizer then says why)
+        from transformers import AutoTokenizer  # imports torch: only on this path
+
+        return AutoTokenizer.from_pretrained(name)
 
 
 def marker_tokens(tokenizer: "PreTrainedTokenizerBase", tokenizer_type: str) -> tuple[str, str]:

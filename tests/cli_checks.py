@@ -1,5 +1,8 @@
-"""Assertions shared by the tests that drive the command-line tools: one-line errors, train.main in-process."""
+"""Helpers shared by the tests that drive the command-line tools: one-line errors, train.main in-process,
+and the environment and port of child processes."""
 
+import os
+import socket
 import subprocess
 
 import train
@@ -30,3 +33,19 @@ def error_line(stderr: str) -> str:
     assert len(lines) == 1, stderr[-3000:]
     assert "Traceback" not in stderr
     return lines[0]
+
+
+def child_env(repo_root) -> dict[str, str]:
+    """This environment without launcher or fault variables, the repo and tests/ importable, one thread per process."""
+    variables = {k: v for k, v in os.environ.items()
+                 if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "FAULT")}
+    variables["PYTHONPATH"] = os.pathsep.join([str(repo_root), str(repo_root / "tests")])
+    variables["OMP_NUM_THREADS"] = "1"
+    return variables
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

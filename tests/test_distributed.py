@@ -7,9 +7,7 @@
   run over the same global batch.
 """
 
-import os
 import pickle
-import socket
 import subprocess
 import sys
 
@@ -20,31 +18,18 @@ from torch.utils.data import DistributedSampler
 
 import assets
 import ddp_worker
+from cli_checks import child_env, free_port
 from distiller import Distiller
 from lm_seqs_dataset import LmSeqsDataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
 
-def _env(repo_root) -> dict[str, str]:
-    """The test's environment without launcher variables, the repo and tests/ importable, one thread per rank."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-    env["PYTHONPATH"] = os.pathsep.join([str(repo_root), str(repo_root / "tests")])
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(repo_root, cwd, *args: str) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run` with two local processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
-    return subprocess.run(command, cwd=cwd, env=_env(repo_root), capture_output=True, text=True, timeout=300)
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    return subprocess.run(command, cwd=cwd, env=child_env(repo_root), capture_output=True, text=True, timeout=300)
 
 
 # ---------------------------------------------------------------- Distillers in two gloo ranks
@@ -139,7 +124,7 @@ def single_process_run(cli_inputs, repo_root, tmp_path_factory):
     """train.py in one process over the global batch of 4 sequences: one optimizer step."""
     dump_path = tmp_path_factory.mktemp("single_process") / "dump"
     result = subprocess.run([sys.executable, str(repo_root / "train.py"), *_train_argv(cli_inputs, dump_path, 4)],
-                            cwd=dump_path.parent, env=_env(repo_root), capture_output=True, text=True, timeout=300)
+                            cwd=dump_path.parent, env=child_env(repo_root), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return dump_path
 
@@ -157,9 +142,9 @@ def test_train_py_in_two_processes_matches_one_process(launcher, cli_inputs, sin
     # Global batch = the 4 sequences: 2 ranks x 2 sequences vs 1 process x 4 sequences, one optimizer step.
     module, variables = LAUNCHERS[launcher]
     command = [sys.executable, "-m", *module, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), str(repo_root / "train.py"),
+               "127.0.0.1", "--master_port", str(free_port()), str(repo_root / "train.py"),
                *_train_argv(cli_inputs, tmp_path / "ddp", batch_size=2), "--n_gpu", "0"]
-    distributed = subprocess.run(command, cwd=tmp_path, env={**_env(repo_root), **variables}, capture_output=True,
+    distributed = subprocess.run(command, cwd=tmp_path, env={**child_env(repo_root), **variables}, capture_output=True,
                                  text=True, timeout=300)
     assert distributed.returncode == 0, distributed.stderr[-3000:]
     assert "world size 2" in distributed.stderr and "Initializing the gloo process group" in distributed.stderr

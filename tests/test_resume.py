@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import assets
 import train
-from cli_checks import error_line, run_main
+from cli_checks import child_env, error_line, free_port, run_main
 from distiller import TRAINING_STATE, EpochRandomSampler
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
@@ -98,21 +97,6 @@ def after_iteration(monkeypatch, iteration: int, action) -> None:
             action()
 
     monkeypatch.setattr(train.Distiller, "step", step)
-
-
-def env(repo_root) -> dict[str, str]:
-    """No launcher variables, the repo and tests/ importable, one thread per process."""
-    variables = {k: v for k, v in os.environ.items()
-                 if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "FAULT")}
-    variables["PYTHONPATH"] = os.pathsep.join([str(repo_root), str(repo_root / "tests")])
-    variables["OMP_NUM_THREADS"] = "1"
-    return variables
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- one process, in this process
@@ -201,7 +185,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(mlm_argv, refer
     dump = tmp_path / "dump"
     process = subprocess.Popen(
         [sys.executable, str(repo_root / "tests" / "fault_injection.py"), *mlm_argv(dump)],
-        env={**env(repo_root), "FAULT": f"pause@{TRAINING_STATE}#2"}, stderr=subprocess.PIPE, text=True,
+        env={**child_env(repo_root), "FAULT": f"pause@{TRAINING_STATE}#2"}, stderr=subprocess.PIPE, text=True,
     )
     paused = dump / f"{TRAINING_STATE}.paused"
     deadline = time.time() + 120
@@ -287,7 +271,7 @@ def clm_argv(tmp_path_factory, teacher_dirs):
 def torchrun(repo_root, cwd, script: str, argv: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(repo_root / script), *argv]
-    variables = {**env(repo_root), **({"FAULT": fault} if fault else {})}
+    variables = {**child_env(repo_root), **({"FAULT": fault} if fault else {})}
     return subprocess.run(command, cwd=cwd, env=variables, capture_output=True, text=True, timeout=300)
 
 
@@ -309,7 +293,7 @@ def test_two_processes_stopped_killed_and_resumed_end_bit_exact(clm_argv, repo_r
     port = free_port()
     ranks = []
     for rank in (0, 1):
-        variables = {**env(repo_root), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+        variables = {**child_env(repo_root), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                      "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                      "FAULT": "sigkill@11:1"}
         command = [sys.executable, str(repo_root / "tests" / "fault_injection.py"),
