@@ -24,7 +24,6 @@ A corpus larger than memory (writes data/binarized_text.bert-base-uncased.ids.np
 import argparse
 import logging
 import os
-import pickle
 import re
 import secrets
 import time
@@ -38,12 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-from numpy._core import multiarray as np_multiarray  # _reconstruct: what numpy's pickles call
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from cli_utils import ScriptError, atomic_output, run_cli
-from token_data import MMAP_SUFFIX, mmap_files
+from token_data import MMAP_SUFFIX, dump_token_id_arrays, mmap_files
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -191,23 +189,25 @@ class LineChunks:
         self.bytes_read = 0
 
     def __iter__(self) -> Iterator[list[str]]:
-        # Text mode, as the original: \n, \r\n and \r all end a line.
-        with open(self.path, encoding="utf-8", errors="surrogateescape") as handle:
-            while raw := list(islice(handle, self.chunk_size)):
-                self._check_decodable(raw)
-                self.n_lines += len(raw)
-                self.bytes_read = handle.buffer.tell()
-                lines = [line for line in map(str.strip, raw) if line]
-                self.n_blank += len(raw) - len(lines)
-                if lines:
-                    yield lines
+        # Text mode, as the original: \n, \r\n and \r all end a line. Strict decoding checks the
+        # text at no cost; only a file that fails is read again, to find the line.
+        with open(self.path, encoding="utf-8") as handle:
+            try:
+                while raw := list(islice(handle, self.chunk_size)):
+                    self.n_lines += len(raw)
+                    self.bytes_read = handle.buffer.tell()
+                    lines = [line for line in map(str.strip, raw) if line]
+                    self.n_blank += len(raw) - len(lines)
+                    if lines:
+                        yield lines
+            except UnicodeDecodeError:
+                raise ScriptError(f"{str(self.path)!r} line {undecodable_line(self.path)} is not valid UTF-8") from None
 
-    def _check_decodable(self, raw: list[str]) -> None:
-        """Raise a ScriptError naming the first line of `raw` that was not valid UTF-8."""
-        if _UNDECODABLE.search("".join(raw)) is None:
-            return
-        bad = next(i for i, line in enumerate(raw) if _UNDECODABLE.search(line))
-        raise ScriptError(f"{str(self.path)!r} line {self.n_lines + bad + 1} is not valid UTF-8")
+
+def undecodable_line(path: Path) -> int:
+    """The number of the first line of `path` that is not valid UTF-8 (which must exist)."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        return next(number for number, line in enumerate(handle, start=1) if _UNDECODABLE.search(line))
 
 
 def load_tokenizer(name: str) -> "PreTrainedTokenizerBase":
@@ -325,22 +325,6 @@ def shuffled_sequences(ids: list[np.ndarray], lengths: list[np.ndarray], seed: i
     return [sequences[i] for i in order.tolist()]
 
 
-class ArrayListPickler(pickle.Pickler):
-    """Pickles 1-D arrays exactly as numpy's own protocol-4 pickles do, in half the time.
-
-    numpy's `__reduce_ex__` spends about 3 µs per array, most of the writing time for millions of
-    short lines. The same reduction built here shares its constant part, which the pickle then
-    stores once. Any reader of numpy pickles (the original scripts, `token_data`) loads the file.
-    """
-
-    _EMPTY_ARRAY = (np.ndarray, (0,), b"b")  # what numpy's reduction starts from
-
-    def reducer_override(self, obj: object) -> object:
-        if type(obj) is np.ndarray and obj.ndim == 1:
-            return np_multiarray._reconstruct, self._EMPTY_ARRAY, (1, obj.shape, obj.dtype, False, obj.tobytes())
-        return NotImplemented
-
-
 class NpyAppender:
     """A 1-D .npy file written piece by piece, its length put in the header when it is closed.
 
@@ -438,8 +422,7 @@ def write_pickle(encoded: Iterable[tuple[np.ndarray, np.ndarray]], target: Path,
         lengths.append(chunk_lengths)
     sequences = shuffled_sequences(ids, lengths, seed)
     with atomic_output(target) as tmp, open(tmp, "wb") as handle:
-        # Protocol 4, as numpy writes it for small arrays; readable by every Python 3.
-        ArrayListPickler(handle, protocol=4).dump(sequences)
+        dump_token_id_arrays(sequences, handle)
     return len(sequences), sum(map(len, ids))
 
 

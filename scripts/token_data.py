@@ -1,7 +1,7 @@
-"""Readers of the token files our scripts write, safe on files from anywhere.
+"""Readers of the token files our scripts write, safe on files from anywhere, and the pickle's writer.
 
 - `load_token_id_arrays`: binarized data from binarized_data.py, a pickled list of 1-D integer
-  numpy arrays (ours, or the original scripts').
+  numpy arrays (ours, or the original scripts'); `dump_token_id_arrays` writes it.
 - `load_token_counts`: counts from token_counts.py, a pickled list of Python ints.
 - `load_token_id_mmap`: binarized data in the memory-mapped format (three .npy files, mapped, not
   loaded; see MMAP_SUFFIX), for corpora larger than memory or shared by many processes.
@@ -18,9 +18,11 @@ The reader of a format lives with its writers: the scripts import this module as
 
 import os
 import pickle
+import struct
+from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -115,6 +117,62 @@ def load_token_id_arrays(path: str | os.PathLike) -> list[np.ndarray]:
     if set(map(attrgetter("ndim"), data)) != {1}:
         raise TokenDataError(f"{prefix}: its arrays are not all 1-D")
     return data
+
+
+# dump_token_id_arrays writes the pickle opcodes itself (numbers in comments are memo slots):
+#   PROTO 4; memoize _reconstruct [0], its arguments (ndarray, (0,), b"b") [1] and each dtype [2, 3...];
+#   EMPTY_LIST; then per batch MARK, per array
+#     BINGET 0, BINGET 1, REDUCE                   an empty array, as numpy's own pickles start
+#     MARK 1 (n,) BINGET dtype False BINBYTES ids  its state, as ndarray.__reduce__ gives it
+#     TUPLE BUILD                                  ndarray.__setstate__ fills it
+#   APPENDS; and STOP.
+_ARRAY_HEAD = struct.Struct("<9si5sI")  # opcodes up to the shape, n, opcodes up to the ids, their byte count
+_ARRAY_START = b"h\x00h\x01R(K\x01J"
+_ARRAY_END = b"tb"
+_PICKLE_BATCH = 10_000
+
+
+def dump_token_id_arrays(sequences: Sequence[np.ndarray], handle: BinaryIO) -> None:
+    """Pickle a list of 1-D integer arrays to `handle`: what pickle.dump writes for numpy's arrays, 4x faster.
+
+    pickle.dump calls numpy's `__reduce_ex__` for every array, about 2 µs each, most of the writing
+    time for millions of short lines. Here each array is a fixed run of protocol-4 opcodes around
+    its bytes (layout above): `pickle.load` (the original scripts) and `load_token_id_arrays` rebuild
+    the same arrays, through the same numpy calls, as from numpy's own pickles.
+
+    Args:
+        sequences: 1-D C-contiguous integer arrays (slices of a larger array are fine).
+        handle: a binary file open for writing.
+    """
+    dtypes = sorted(set(map(attrgetter("dtype"), sequences)), key=str)
+    if any(dtype.kind not in "iu" for dtype in dtypes):
+        raise ValueError(f"token id arrays must be integers, not {', '.join(map(str, dtypes))}")
+    preamble = [b"\x80\x04", _pickled_global(np_multiarray._reconstruct), b"\x940"]
+    preamble += [_pickled_global(np.ndarray), b"K\x00\x85C\x01b\x87\x940"]
+    dtype_opcodes = {}
+    for memo, dtype in enumerate(dtypes, start=2):
+        preamble += [_pickled_global(np.dtype), _pickled_str(dtype.str), b"\x85R\x940"]
+        dtype_opcodes[dtype] = b"\x85h" + bytes([memo]) + b"\x89B"
+    handle.write(b"".join([*preamble, b"]"]))
+    pack = _ARRAY_HEAD.pack
+    for begin in range(0, len(sequences), _PICKLE_BATCH):
+        parts = [b"("]
+        for ids in sequences[begin : begin + _PICKLE_BATCH]:
+            parts += (pack(_ARRAY_START, len(ids), dtype_opcodes[ids.dtype], ids.nbytes), ids, _ARRAY_END)
+        parts.append(b"e")
+        handle.write(b"".join(parts))
+    handle.write(b".")
+
+
+def _pickled_str(text: str) -> bytes:
+    """SHORT_BINUNICODE `text` (under 256 bytes)."""
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data
+
+
+def _pickled_global(obj: type | object) -> bytes:
+    """The opcodes that push `obj`, a module-level class or function, by its module and name."""
+    return _pickled_str(obj.__module__) + _pickled_str(obj.__name__) + b"\x93"
 
 
 def load_token_counts(path: str | os.PathLike) -> list[int]:

@@ -4,7 +4,9 @@ The CLI runs are started together in one module fixture (each pays a few seconds
 run from a folder that is not the repository, to prove the script works from anywhere.
 """
 
+import io
 import pickle
+import pickletools
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import binarized_data
 from binarized_data import ids_dtype, output_path
 from cli_checks import assert_one_line_error
 from cli_utils import ScriptError
-from token_data import load_token_id_arrays
+from token_data import dump_token_id_arrays, load_token_id_arrays
 
 # Written out here, not taken from the script: what each family's lines must be wrapped in.
 MARKERS = {"bert": ("[CLS]", "[SEP]"), "roberta": ("<s>", "</s>"), "gpt2": ("<|endoftext|>", "<|endoftext|>")}
@@ -240,18 +242,43 @@ def test_markers_the_tokenizer_lacks_are_an_error(text_file, tokenizer_dirs, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pickle_is_numpys_own_format(tmp_path):
-    """ArrayListPickler writes what numpy's pickling writes, loadable by plain pickle and the safe reader."""
+def test_line_chunks_read_multibyte_text_across_buffers(tmp_path):
+    expected = [f"café ☕ naïve {i}" for i in range(3000)]
+    path = tmp_path / "text.txt"
+    path.write_bytes("".join(f" {line} \r\n\n" for line in expected).encode())
+    chunks = binarized_data.LineChunks(path, chunk_size=128)
+    assert [line for chunk in chunks for line in chunk] == expected
+    assert (chunks.n_lines, chunks.n_blank) == (6000, 3000)
+
+
+@pytest.mark.parametrize("tail, bad_line", [(b"caf\xe9 au lait\nfine\n", 2501), (b"fine\r\nends in caf\xc3", 2502)])
+def test_line_chunks_name_the_first_line_that_is_not_utf8(tmp_path, tail, bad_line):
+    """Far past the first read buffer and chunk, with \\r line ends, or cut inside a character at the end."""
+    path = tmp_path / "text.txt"
+    path.write_bytes(b"".join(f"line number {i}\r".encode() for i in range(2500)) + tail)
+    with pytest.raises(ScriptError, match=f"line {bad_line} is not valid UTF-8"):
+        list(binarized_data.LineChunks(path, chunk_size=100))
+
+
+def test_pickle_writer_gives_what_numpys_own_pickles_give(tmp_path):
+    """dump_token_id_arrays' file is a well-formed pickle that plain pickle and the safe reader load into
+    the arrays numpy's own pickles give: mixed dtypes and byte orders, empty and long arrays, and
+    more arrays than one written batch."""
     flat = np.arange(70_000, dtype=np.int32)
-    sequences = [flat[5:9], np.uint16([2, 7, 3]), flat[:0], flat[65_530:65_540]]
+    odd = [flat[5:9], np.uint16([2, 7, 3]), flat[:0], flat[65_530:65_540], flat[:300], np.arange(4, dtype=">u2")]
+    sequences = odd + np.split(np.arange(60_000, dtype=np.uint16) % 30_522, np.arange(3, 60_000, 4)) + odd
     path = tmp_path / "data.pickle"
     with open(path, "wb") as handle:
-        binarized_data.ArrayListPickler(handle, protocol=4).dump(sequences)
+        dump_token_id_arrays(sequences, handle)
+    pickletools.dis(path.read_bytes(), out=io.StringIO())  # raises on a malformed opcode stream or stack
+    expected = [(a.dtype, a.tolist(), a.flags.writeable) for a in pickle.loads(pickle.dumps(sequences, protocol=4))]
     for loaded in (pickle.loads(path.read_bytes()), load_token_id_arrays(path)):
-        assert [(a.dtype, a.tolist(), a.flags.writeable) for a in loaded] == [
-            (a.dtype, a.tolist(), True) for a in pickle.loads(pickle.dumps(sequences, protocol=4))
-        ]
-    assert len(path.read_bytes()) < len(pickle.dumps(sequences, protocol=4))  # the shared part is stored once
+        assert [(a.dtype, a.tolist(), a.flags.writeable) for a in loaded] == expected
+
+
+def test_pickle_writer_refuses_arrays_that_are_not_integers(tmp_path):
+    with open(tmp_path / "data.pickle", "wb") as handle, pytest.raises(ValueError, match="must be integers"):
+        dump_token_id_arrays([np.uint16([1, 2]), np.float32([0.5])], handle)
 
 
 def test_output_path_of_the_memory_mapped_format():
