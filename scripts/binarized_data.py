@@ -311,18 +311,18 @@ def encode_corpus(chunks: LineChunks, encoder: LineEncoder, workers: int) -> Ite
             yield ids, lengths
 
 
-def shuffled_sequences(ids: list[np.ndarray], lengths: list[np.ndarray], seed: int) -> list[np.ndarray]:
-    """One array per line, in an order fixed by `seed`.
+def split_lines(ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """The (n_tokens,) `ids` of a chunk cut into one array per line, of the (n_lines,) `lengths`.
 
-    The arrays are views into the per-chunk buffers: no copy, and pickling a view writes only its
-    own ids.
+    The arrays are views into the chunk's buffer: no copy, and pickling a view writes only its own ids.
     """
-    sequences = []
-    for chunk_ids, chunk_lengths in zip(ids, lengths):
-        ends = np.cumsum(chunk_lengths).tolist()
-        sequences += [chunk_ids[begin:end] for begin, end in zip([0, *ends[:-1]], ends)]
-    order = np.random.default_rng(seed).permutation(len(sequences))
-    return [sequences[i] for i in order.tolist()]
+    ends = np.cumsum(lengths).tolist()
+    return [ids[begin:end] for begin, end in zip([0, *ends[:-1]], ends)]
+
+
+def shuffle_order(n_sequences: int, seed: int) -> np.ndarray:
+    """The (n_sequences,) permutation fixed by `seed`: the pickle's order, and what the mmap format stores."""
+    return np.random.default_rng(seed).permutation(n_sequences)
 
 
 class NpyAppender:
@@ -416,14 +416,13 @@ def write_pickle(encoded: Iterable[tuple[np.ndarray, np.ndarray]], target: Path,
     Returns:
         The number of sequences and of tokens written.
     """
-    ids, lengths = [], []
-    for chunk_ids, chunk_lengths in encoded:
-        ids.append(chunk_ids)
-        lengths.append(chunk_lengths)
-    sequences = shuffled_sequences(ids, lengths, seed)
+    sequences, n_tokens = [], 0
+    for ids, lengths in encoded:  # cut as they come, while the next chunks are being encoded
+        sequences += split_lines(ids, lengths)
+        n_tokens += ids.size
     with atomic_output(target) as tmp, open(tmp, "wb") as handle:
-        dump_token_id_arrays(sequences, handle)
-    return len(sequences), sum(map(len, ids))
+        dump_token_id_arrays([sequences[i] for i in shuffle_order(len(sequences), seed).tolist()], handle)
+    return len(sequences), n_tokens
 
 
 def write_mmap(
@@ -440,7 +439,7 @@ def write_mmap(
     with mmap_output(target, dtype) as writer:
         for ids, lengths in encoded:
             writer.append(ids, lengths)
-        writer.finish(np.random.default_rng(seed).permutation(writer.n_sequences))
+        writer.finish(shuffle_order(writer.n_sequences, seed))
     return writer.n_sequences, writer.ids.size
 
 
