@@ -27,7 +27,8 @@ Several CPU processes over gloo (tests, debugging the distributed path without a
 Only the master process (node 0, local rank 0) writes to --dump_path: parameters.json, git_log.json,
 config.json, checkpoint.pth, model_epoch_<e>.pth, pytorch_model.bin, the save_pretrained files, the
 tensorboard log in log/train and training_state.pth. Bad flags or files give one `error: ...` line and
-exit status 1; every file is written to a temporary name and renamed, so a crash never damages one.
+exit status 1; every file is written to a temporary name and renamed, so a crash never damages one. The
+master locks --dump_path while it runs: a second run into the same folder stops with an error.
 
 Interrupted runs continue where they stopped, bit for bit: run the same command with --resume instead
 of --force (the same launcher and number of processes too). SIGTERM or SIGINT (Ctrl-C) makes a run save
@@ -37,6 +38,7 @@ power cut) loses only the iterations since its last checkpoint:
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -45,7 +47,8 @@ import shlex
 import shutil
 import sys
 from argparse import Namespace
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -430,6 +433,31 @@ def check_resume(args: Namespace) -> None:
         )
 
 
+@contextmanager
+def dump_path_lock(dump_path: str) -> Iterator[None]:
+    """Hold an exclusive lock on the --dump_path folder; refuse a folder that another live run holds.
+
+    Two runs writing the same checkpoints (a job requeued while the first still runs, a command
+    started twice) would corrupt both. The lock is flock on the folder itself: nothing is written
+    into it, and the kernel drops it when its holder ends, however it ends (kill -9 included), so a
+    lock never outlives its run. On a filesystem without locks a warning says the folder is unguarded.
+    """
+    folder = os.open(dump_path, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(folder)
+        raise UserError(
+            f"--dump_path {dump_path!r} is in use by another run that is still going; wait for it to end or stop it"
+        ) from None
+    except OSError as err:
+        logger.warning(f"Could not lock --dump_path {dump_path!r} ({err}): nothing stops a second run writing there")
+    try:
+        yield
+    finally:
+        os.close(folder)  # releases the lock
+
+
 def prepare_dump_path(args: Namespace) -> None:
     """Create (with --force: replace) --dump_path and write parameters.json and git_log.json into it.
 
@@ -442,12 +470,17 @@ def prepare_dump_path(args: Namespace) -> None:
             logger.info(f"Removed the temporaries of interrupted writes: {removed}")
         logger.info(f"Resuming the run in {dump_path}")
         return
-    if dump_path.is_dir():
-        logger.info(f"--force: replacing the existing {dump_path}")
-        shutil.rmtree(dump_path)
-    elif dump_path.exists():
-        dump_path.unlink()
-    dump_path.mkdir(parents=True)
+    if dump_path.is_dir():  # emptied, not removed: the lock is on the folder
+        logger.info(f"--force: replacing the contents of the existing {dump_path}")
+        for entry in dump_path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    else:
+        if dump_path.exists():
+            dump_path.unlink()
+        dump_path.mkdir(parents=True)
     logger.info(f"Experiment will be dumped and logged in {dump_path}")
     write_json(dump_path / "parameters.json", vars(args))
     git_log(dump_path)
@@ -613,52 +646,62 @@ def check_compatibility(student: nn.Module, teacher_config: PretrainedConfig, co
 
 
 def run(args: Namespace) -> None:
-    """Build everything that can fail, then (re)create --dump_path and train."""
+    """Build everything that can fail, then (re)create --dump_path and train.
+
+    The master locks --dump_path (see dump_path_lock) before anything else when it exists (--force,
+    --resume), else as soon as it creates it, and holds it to the end.
+    """
     logger.info(f"Command line: {shlex.join(sys.argv)}")
     logger.info(f"Parameters: {json.dumps(vars(args), sort_keys=True)}")
     init_gpu_params(args)
     set_seed(args)
-    if args.resume:
-        check_resume(args)
-    elif args.is_master:
-        check_dump_path(args)
-    if args.is_master:
-        if args.fp16 or args.fp16_opt_level != "O1":
-            logger.warning(f"--fp16_opt_level {args.fp16_opt_level} is ignored: it was an apex option, "
-                           "--fp16 now uses torch.autocast with a GradScaler")
+    with ExitStack() as held:
+        dump_path_existed = args.is_master and Path(args.dump_path).is_dir()
+        if dump_path_existed:
+            held.enter_context(dump_path_lock(args.dump_path))
+        if args.resume:
+            check_resume(args)
+        elif args.is_master:
+            check_dump_path(args)
+        if args.is_master:
+            if args.fp16 or args.fp16_opt_level != "O1":
+                logger.warning(f"--fp16_opt_level {args.fp16_opt_level} is ignored: it was an apex option, "
+                               "--fp16 now uses torch.autocast with a GradScaler")
 
-    tokenizer = load_tokenizer(args)
-    args.special_tok_ids = required_special_token_ids(tokenizer, args.mlm)
-    logger.info(f"Special tokens {args.special_tok_ids}")
-    needs_teacher = any(getattr(args, f"alpha_{term}") > 0 for term in TEACHER_TERMS)
-    if not needs_teacher:
-        logger.info("No teacher term (--alpha_ce/mse/cos all 0): the teacher is not loaded, only its config")
-    teacher, teacher_config = load_teacher(args, with_weights=needs_teacher)
-    args.max_model_input_size = max_model_input_size(args, tokenizer, teacher_config)
-    logger.info(f"Maximum model input size: {args.max_model_input_size}")
+        tokenizer = load_tokenizer(args)
+        args.special_tok_ids = required_special_token_ids(tokenizer, args.mlm)
+        logger.info(f"Special tokens {args.special_tok_ids}")
+        needs_teacher = any(getattr(args, f"alpha_{term}") > 0 for term in TEACHER_TERMS)
+        if not needs_teacher:
+            logger.info("No teacher term (--alpha_ce/mse/cos all 0): the teacher is not loaded, only its config")
+        teacher, teacher_config = load_teacher(args, with_weights=needs_teacher)
+        args.max_model_input_size = max_model_input_size(args, tokenizer, teacher_config)
+        logger.info(f"Maximum model input size: {args.max_model_input_size}")
 
-    data = load_binarized_data(args.data_file, "--data_file")
-    counts, token_probs = None, None
-    if args.mlm:
-        counts = load_token_file(load_token_counts, args.token_counts, "--token_counts")
-        token_probs = token_probs_from_counts(counts, args.special_tok_ids.values(), args.mlm_smoothing)
-    dataset = LmSeqsDataset(args, data)
-    del data  # the dataset holds its own flat copy (or a view of the map): free the list of arrays
+        data = load_binarized_data(args.data_file, "--data_file")
+        counts, token_probs = None, None
+        if args.mlm:
+            counts = load_token_file(load_token_counts, args.token_counts, "--token_counts")
+            token_probs = token_probs_from_counts(counts, args.special_tok_ids.values(), args.mlm_smoothing)
+        dataset = LmSeqsDataset(args, data)
+        del data  # the dataset holds its own flat copy (or a view of the map): free the list of arrays
 
-    student = build_student(args)
-    freeze_embeddings(student, args)
-    check_compatibility(student, teacher_config, counts)
-    evaluator = build_evaluator(args, teacher) if args.is_master and args.eval_data_file else None
+        student = build_student(args)
+        freeze_embeddings(student, args)
+        check_compatibility(student, teacher_config, counts)
+        evaluator = build_evaluator(args, teacher) if args.is_master and args.eval_data_file else None
 
-    if args.is_master:
-        prepare_dump_path(args)
-    training_state = load_training_state(args.dump_path) if args.resume else None  # read by every process
-    distiller = Distiller(args, dataset, token_probs, student, teacher, evaluator, training_state)
-    del training_state  # taken up: free this copy of the weights and optimizer state before training
-    try:
-        distiller.train()
-    finally:
-        distiller.close()
+        if args.is_master:
+            prepare_dump_path(args)
+            if not dump_path_existed:
+                held.enter_context(dump_path_lock(args.dump_path))
+        training_state = load_training_state(args.dump_path) if args.resume else None  # read by every process
+        distiller = Distiller(args, dataset, token_probs, student, teacher, evaluator, training_state)
+        del training_state  # taken up: free this copy of the weights and optimizer state before training
+        try:
+            distiller.train()
+        finally:
+            distiller.close()
 
 
 def _lost_another_process(err: Exception) -> bool:

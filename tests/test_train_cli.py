@@ -1,12 +1,14 @@
 """train.py: flags and defaults, every sanity check through the CLI, the dump_path lifecycle, model loading,
 and a real end-to-end run per family (bert -> distilbert MLM, roberta -> roberta MLM, gpt2 -> gpt2 CLM)."""
 
+import fcntl
 import json
 import math
 import os
 import pickle
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -359,6 +361,61 @@ def test_force_refuses_to_delete_the_inputs(family_inputs, tmp_path, capsys):
     assert status == 1
     assert_one_line_error(stderr, "--force would delete")
     assert data_copy.exists()
+
+
+# ---------------------------------------------------------------- one live run per --dump_path
+
+
+@contextmanager
+def locked_by_this_process(folder):
+    """flock on `folder` through a descriptor of this test, as another run's master holds its dump path."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def is_locked(folder) -> bool:
+    """Whether some open descriptor holds a flock on `folder` (this one then fails to take it)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
+
+
+def test_a_dump_path_another_process_holds_is_refused_untouched_on_resume(family_inputs, tmp_path):
+    dump = _existing_dump(tmp_path)
+    with locked_by_this_process(dump):
+        result = run_cli(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0", "--resume"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "is in use by another run that is still going")
+    assert [p.name for p in dump.iterdir()] == ["precious.txt"]
+
+
+def test_force_does_not_replace_a_dump_path_in_use(family_inputs, tmp_path, capsys):
+    dump = _existing_dump(tmp_path)
+    with locked_by_this_process(dump):
+        status, stderr = run_main(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0", "--force"], capsys)
+    assert status == 1
+    assert_one_line_error(stderr, "is in use by another run that is still going")
+    assert [p.name for p in dump.iterdir()] == ["precious.txt"]
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["replaced with --force", "new"])
+def test_the_master_holds_its_dump_path_while_it_trains(existing, family_inputs, tmp_path, monkeypatch):
+    dump = _existing_dump(tmp_path) if existing else tmp_path / "new" / "dump"
+    held_during_training = []
+    monkeypatch.setattr(train.Distiller, "train", lambda distiller: held_during_training.append(is_locked(dump)))
+    train.main(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0", "--force"])
+    assert held_during_training == [True]
+    assert not is_locked(dump)  # released at the end
+    assert (dump / "parameters.json").is_file() and not (dump / "precious.txt").exists()
 
 
 # ---------------------------------------------------------------- non-finite loss through the CLI
