@@ -133,7 +133,7 @@ _PICKLE_BATCH = 10_000
 
 
 def dump_token_id_arrays(sequences: Sequence[np.ndarray], handle: BinaryIO) -> None:
-    """Pickle a list of 1-D integer arrays to `handle`: what pickle.dump writes for numpy's arrays, 4x faster.
+    """Pickle a list of 1-D integer arrays to `handle`, 3.5x faster than pickle.dump; it loads into the same arrays.
 
     pickle.dump calls numpy's `__reduce_ex__` for every array, about 2 µs each, most of the writing
     time for millions of short lines. Here each array is a fixed run of protocol-4 opcodes around
