@@ -1,6 +1,7 @@
 """train.py: flags and defaults, every sanity check through the CLI, the dump_path lifecycle, model loading,
 and a real end-to-end run per family (bert -> distilbert MLM, roberta -> roberta MLM, gpt2 -> gpt2 CLM)."""
 
+import errno
 import fcntl
 import json
 import math
@@ -416,6 +417,16 @@ def test_the_master_holds_its_dump_path_while_it_trains(existing, family_inputs,
     assert held_during_training == [True]
     assert not is_locked(dump)  # released at the end
     assert (dump / "parameters.json").is_file() and not (dump / "precious.txt").exists()
+
+
+def test_a_filesystem_without_locks_is_warned_about_not_refused(tmp_path, monkeypatch, caplog):
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    with train.dump_path_lock(str(tmp_path)):
+        pass
+    assert "nothing stops a second run writing there" in caplog.text
 
 
 # ---------------------------------------------------------------- non-finite loss through the CLI
