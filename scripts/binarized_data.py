@@ -27,9 +27,8 @@ import os
 import re
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
 from itertools import chain, islice
 from multiprocessing import get_context
@@ -40,7 +39,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from cli_utils import ScriptError, atomic_output, run_cli
+from cli_utils import ScriptError, atomic_output, bounded_map, run_cli
 from token_data import MMAP_SUFFIX, dump_token_id_arrays, mmap_files
 
 if TYPE_CHECKING:
@@ -255,17 +254,6 @@ def marker_tokens(tokenizer: "PreTrainedTokenizerBase", tokenizer_type: str) -> 
             raise ScriptError(f"the tokenizer does not encode its {role} {str(token)!r} as one special token")
         markers.append(str(token))
     return markers[0], markers[1]
-
-
-def bounded_map(executor: Executor, fn: Callable, items: Iterable, depth: int) -> Iterator:
-    """`executor.map` that keeps at most `depth` items in flight, so a huge input is never all in memory."""
-    pending: deque[Future] = deque()
-    for item in items:
-        if len(pending) == depth:
-            yield pending.popleft().result()
-        pending.append(executor.submit(fn, item))
-    while pending:
-        yield pending.popleft().result()
 
 
 _worker_encoder: LineEncoder | None = None

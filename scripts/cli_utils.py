@@ -1,4 +1,5 @@
-"""What every command-line script shares: logging, one-line errors and atomic output files.
+"""What every command-line script shares: logging, one-line errors, atomic output files and
+bounded parallel maps.
 
 Scripts run as `python scripts/<name>.py`, so this module is importable as `cli_utils`
 from any of them without touching sys.path.
@@ -8,7 +9,9 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,3 +67,14 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise ScriptError(f"could not write {str(target)!r}: {err.strerror or err}") from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def bounded_map(executor: Executor, fn: Callable, items: Iterable, depth: int) -> Iterator:
+    """`executor.map` that keeps at most `depth` items in flight, so a huge input is never all in memory."""
+    pending: deque[Future] = deque()
+    for item in items:
+        if len(pending) == depth:
+            yield pending.popleft().result()
+        pending.append(executor.submit(fn, item))
+    while pending:
+        yield pending.popleft().result()

@@ -16,16 +16,15 @@ import argparse
 import logging
 import os
 import pickle
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
 
-from cli_utils import ScriptError, atomic_output, run_cli
+from cli_utils import ScriptError, atomic_output, bounded_map, run_cli
 from token_data import is_mmap_file, load_token_id_arrays, load_token_id_mmap
 
 logger = logging.getLogger("token_counts")
@@ -113,14 +112,8 @@ def _count_chunks(chunks: Iterable[Callable[[], np.ndarray]], vocab_size: int, l
 
     n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with ThreadPoolExecutor(n_threads) as pool:
-        # Executor.map would submit every chunk at once; a bounded window keeps memory to a few chunks.
-        pending: deque[Future] = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(count, chunk))
-            if len(pending) > 8 * n_threads:
-                counts += pending.popleft().result()
-        while pending:
-            counts += pending.popleft().result()
+        for chunk_counts in bounded_map(pool, count, chunks, depth=8 * n_threads):
+            counts += chunk_counts
     return counts.tolist()
 
 

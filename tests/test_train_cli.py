@@ -21,6 +21,7 @@ import assets
 import binarized_data
 import token_counts
 import train
+from cli_checks import error_line, run_main
 from utils import UserError
 
 # train.main installs torchelastic's error handler, which cannot reach a file descriptor under pytest's capture.
@@ -102,18 +103,9 @@ def run_cli(argv: list[str], cwd) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    """train.main in this process; returns (exit status, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
-    return exit_info.value.code, capsys.readouterr().err
-
-
 def assert_one_line_error(stderr: str, fragment: str) -> None:
-    error_lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1, stderr
-    assert fragment in error_lines[0], error_lines[0]
-    assert "Traceback" not in stderr
+    line = error_line(stderr)
+    assert fragment in line, line
 
 
 # ---------------------------------------------------------------- end-to-end runs, one per family
@@ -371,23 +363,20 @@ def test_force_refuses_to_delete_the_inputs(family_inputs, tmp_path, capsys):
 def locked_by_this_process(folder):
     """flock on `folder` through a descriptor of this test, as another run's master holds its dump path."""
     descriptor = os.open(folder, os.O_RDONLY)
-    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
     finally:
         os.close(descriptor)
 
 
 def is_locked(folder) -> bool:
-    """Whether some open descriptor holds a flock on `folder` (this one then fails to take it)."""
-    descriptor = os.open(folder, os.O_RDONLY)
+    """Whether some open descriptor holds a flock on `folder` (this test then fails to take it)."""
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with locked_by_this_process(folder):
+            return False
     except BlockingIOError:
         return True
-    finally:
-        os.close(descriptor)
-    return False
 
 
 def test_a_dump_path_another_process_holds_is_refused_untouched_on_resume(family_inputs, tmp_path):
