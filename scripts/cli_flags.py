@@ -1,0 +1,70 @@
+"""The argument parser and flag types every command-line tool shares: a bad flag value is one line.
+
+`ArgumentParser.error` prints `error: argument --flag: ...` on one line (no usage block) and exits
+with status 2, argparse's status for usage errors. The types refuse NaN, infinities and values
+outside a flag's range while the command line is parsed, before anything is read or written.
+
+It imports nothing from the project, so the scripts import it as `cli_flags` and train.py,
+evaluation.py and quickstart.py as `scripts.cli_flags`.
+"""
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: `error: <what is wrong> (see --help)`, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """'> 0', '>= 1', 'in (0, 1]', ... for an error message."""
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def number(
+    kind: type = float,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Callable[[str], float | int]:
+    """An argparse `type` reading a finite `kind` (float or int) within [low, high] (open ends as asked).
+
+    Example: `type=number(float, 0, 1, low_open=True)` accepts (0, 1] and refuses `nan`, `inf`, `0`, `2`.
+    """
+    allowed = None if low is None and high is None else _range_text(low, high, low_open, high_open)
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+finite_float = number(float)
+non_negative_float = number(float, 0)
+positive_float = number(float, 0, low_open=True)
+probability = number(float, 0, 1)
+non_negative_int = number(int, 0)
+positive_int = number(int, 1)
