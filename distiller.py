@@ -10,6 +10,7 @@ generator states), from which `Distiller(..., training_state=load_training_state
 continues bit for bit; SIGTERM/SIGINT stop the run at the next optimizer step with that file saved.
 """
 
+import copy
 import json
 import math
 import signal
@@ -33,9 +34,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import GenerationConfig, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
+from model_card import render_model_card
 from utils import (
     IGNORE_INDEX,
     TMP_PREFIX,
@@ -57,6 +59,9 @@ if TYPE_CHECKING:
 LOSS_TERMS = ("ce", "mlm", "clm", "mse", "cos")
 # Terms that compare with the teacher: when all of them weigh 0 the teacher is never run.
 TEACHER_TERMS = ("ce", "mse", "cos")
+
+# What the exported student's generation config keeps from its model config.
+GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 # Everything a resume needs, beside the [F] checkpoints (which stay plain student state dicts).
 TRAINING_STATE = "training_state.pth"
@@ -359,6 +364,75 @@ def load_training_state(dump_path: str | Path) -> dict:
     return state
 
 
+# What a training state holds, key by key, with the type of each value (see `_write_training_state`).
+_STATE_LAYOUT = {
+    "student": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "position": dict, "counters": dict,
+    "rng": list,
+}
+_POSITION_KEYS = ("epoch", "batches_done", "seed", "batches_per_epoch")
+_COUNTER_KEYS = ("n_total_iter", "n_optimizer_steps", "n_sequences_epoch")
+
+
+def check_training_state(
+    state: dict, world_size: int, seed: int, batches_per_epoch: int, n_epoch: int, accumulation: int
+) -> str | None:
+    """What makes `state` unusable for this run, or None: missing keys, wrong types, impossible positions.
+
+    A state is saved at the start of an accumulation window, so its position is consistent by
+    construction: iterations = epoch x batches_per_epoch + batches done, and the optimizer has
+    stepped once per completed window (the windows run across epoch ends).
+
+    Args:
+        state: what `load_training_state` read.
+        world_size, seed, batches_per_epoch, n_epoch, accumulation: this run's processes, --seed,
+            batches per epoch, --n_epoch and --gradient_accumulation_steps.
+    """
+    for key, kind in _STATE_LAYOUT.items():
+        if not isinstance(state.get(key), kind):
+            return f"its {key!r} entry is missing or not a {kind.__name__}"
+    position, counters = state["position"], state["counters"]
+    for group, keys in (("position", _POSITION_KEYS), ("counters", _COUNTER_KEYS)):
+        missing = [key for key in keys if not isinstance(state[group].get(key), int)]
+        if missing:
+            return f"its {group} lacks {', '.join(missing)}"
+    if not isinstance(counters.get("total_loss_epoch"), Tensor) or counters["total_loss_epoch"].numel() != 1:
+        return "its counters lack the epoch's loss total"
+    saved = (len(state["rng"]), position["seed"], position["batches_per_epoch"])
+    if saved != (world_size, seed, batches_per_epoch):
+        return (
+            f"it was saved by {saved[0]} process(es) with seed {saved[1]} and {saved[2]} batches per epoch; this "
+            f"run has {world_size}, {seed} and {batches_per_epoch}"
+        )
+    epoch, done, iterations = position["epoch"], position["batches_done"], counters["n_total_iter"]
+    if not (0 <= epoch <= n_epoch and 0 <= done <= batches_per_epoch and (epoch < n_epoch or done == 0)):
+        return f"its position (epoch {epoch}, {done} batches done) is outside {n_epoch} epochs of {batches_per_epoch}"
+    if iterations != epoch * batches_per_epoch + done:
+        return f"its iteration count {iterations} disagrees with its position (epoch {epoch}, {done} batches done)"
+    if counters["n_optimizer_steps"] != iterations // accumulation or iterations % accumulation:
+        return (
+            f"its {counters['n_optimizer_steps']} optimizer steps after {iterations} iterations do not fit "
+            f"--gradient_accumulation_steps {accumulation}"
+        )
+    if not all(isinstance(rng, dict) and {"python", "numpy", "torch"} <= rng.keys() for rng in state["rng"]):
+        return "its generator states are incomplete"
+    return None
+
+
+def _optimizer_state_mismatch(optimizer: torch.optim.Optimizer) -> str | None:
+    """What in a just-loaded AdamW state does not fit its parameters' shapes, or None.
+
+    `Optimizer.load_state_dict` checks the groups' sizes but not the moments' shapes, which would only
+    fail at the first step.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if name != "step" and isinstance(value, Tensor) and value.shape != param.shape:
+                    return f"its optimizer {name} of shape {tuple(value.shape)} is for a parameter of shape " \
+                           f"{tuple(param.shape)}"
+    return None
+
+
 class _StopSignals:
     """While active, SIGTERM and SIGINT ask the training loop to stop at its next optimizer step.
 
@@ -445,6 +519,8 @@ class Distiller:
             at each epoch end, on the master; its figures are logged as `eval/<name>`.
         training_state: from `load_training_state`, to continue an interrupted run where it stopped
             (with the same params); None starts from the beginning.
+        tokenizer: saved with the finished student, so that `dump_path` is a complete model folder
+            (`pipeline(..., model=dump_path)`).
     """
 
     def __init__(
@@ -456,8 +532,11 @@ class Distiller:
         teacher: nn.Module | None,
         evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
         training_state: dict | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         logger.info("Initializing Distiller")
+        self.params = copy.copy(params)  # for the model card; never written
+        self.tokenizer = tokenizer
         self.dump_path = Path(params.dump_path)
         self.is_master = params.is_master
         self.multi_gpu = params.multi_gpu
@@ -495,6 +574,7 @@ class Distiller:
             raise ValueError(f"the loss terms {self.active_terms} need a teacher")
         self.teacher = teacher.to(self.device).eval() if self.needs_teacher else None
         self.evaluator = evaluator if self.is_master else None
+        self.last_evaluation: dict[str, float] | None = None
         self.eval_interval = getattr(params, "eval_interval", 0)
         self.raw_student = student.to(self.device).train()
         self.vocab_size = self.raw_student.config.vocab_size
@@ -541,7 +621,10 @@ class Distiller:
         self.last_losses: dict[str, Tensor] = {}
         self.finite_terms = [f"loss_{term}" for term in self.active_terms] + ["loss"]
         self.window_finite = torch.ones(len(self.finite_terms), dtype=torch.bool, device=self.device)
+        self.grad_norm: Tensor | None = None  # total gradient norm before clipping, at the last optimizer step
+        self.weights_finite = torch.ones((), dtype=torch.bool, device=self.device)  # after the last step
         self.last_log = time.time()
+        self.n_tokens_since_log = 0
         self.window_start: dict | None = None  # resume point at the start of the current accumulation window
         # Only the cosine loss reads hidden states: without it, neither model keeps every layer's output.
         self.want_hidden = self.alphas["cos"] > 0
@@ -562,17 +645,25 @@ class Distiller:
             # A compiled wrapper for the steps only; raw_student (same parameters) is what is saved and restored.
             self.student = torch.compile(self.student)
 
-        if self.is_master:
-            logger.info("--- Initializing Tensorboard")
-            log_dir = self.dump_path / "log" / "train"
-            purge_step = None
-            if self.resumed:
-                # Hide the events the interrupted run logged after its training state; they are logged again.
-                purge_step = self.n_total_iter + 1
-                _wait_to_name_after_existing_event_files(log_dir)
-            self.tensorboard = SummaryWriter(log_dir=str(log_dir), flush_secs=60, purge_step=purge_step)
-        else:
-            self.tensorboard = _NullWriter()
+        # Opened by `train`: building a Distiller writes nothing, so train.py can build (and check)
+        # everything before it touches --dump_path.
+        self.tensorboard = _NullWriter()
+
+    def open_tensorboard(self) -> None:
+        """Start the tensorboard log in dump_path/log/train (master only).
+
+        A resumed run hides the events the interrupted run logged after its training state: they are
+        logged again.
+        """
+        if not self.is_master:
+            return
+        logger.info("--- Initializing Tensorboard")
+        log_dir = self.dump_path / "log" / "train"
+        purge_step = None
+        if self.resumed:
+            purge_step = self.n_total_iter + 1
+            _wait_to_name_after_existing_event_files(log_dir)
+        self.tensorboard = SummaryWriter(log_dir=str(log_dir), flush_secs=60, purge_step=purge_step)
 
     def _batch_prologue(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Shared opening of both batch preparations: fp16 rounding and the attention mask."""
@@ -631,6 +722,7 @@ class Distiller:
             TrainingInterrupted: SIGTERM or SIGINT reached a process; the training state is saved.
         """
         logger.info("Starting training")
+        self.open_tensorboard()
         if not self.resumed:
             self.log_config()
         self.student.train()
@@ -652,6 +744,7 @@ class Distiller:
                         # masking draws from the generators this snapshot records.
                         self.window_start = self.resume_point()
                     input_ids, attention_mask, lm_labels = self.prepare_batch(batch)  # on the host; step copies
+                    self.n_tokens_since_log += int(attention_mask.sum())  # a host tensor: no device sync
                     self.step(input_ids=input_ids, attention_mask=attention_mask, lm_labels=lm_labels)
                     if self.n_total_iter % self.log_interval == 0:
                         self.log(iter_bar)
@@ -752,33 +845,55 @@ class Distiller:
         self.window_finite &= torch.isfinite(values)
 
     def optimize(self) -> None:
-        """At the accumulation boundary: finite check and stop agreement, unscale, clip, optimizer and schedule step."""
-        self.stop_signal = self._check_finite_and_stop()
+        """At the accumulation boundary: unscale, clip, finite check and stop agreement, optimizer and schedule step.
+
+        The gradient norm that clipping computes is checked with the losses, before the step (with fp16 a
+        non-finite norm is the GradScaler's business: it skips the step and lowers its scale). After the
+        step, whether the weights are still finite is noted on the device, read before any save and at
+        the next boundary.
+        """
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm).detach()
+        self.stop_signal = self._check_finite_and_stop()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.n_optimizer_steps += 1
+        self.weights_finite = torch.nn.utils.get_total_norm(list(self.trained_parameters())).isfinite()
+
+    def trained_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters the optimizer updates."""
+        return (param for group in self.optimizer.param_groups for param in group["params"])
 
     def _check_finite_and_stop(self) -> int:
-        """Raise NonFiniteLossError on every process if any process saw a non-finite loss in this window;
-        else return the stop signal any process received (0: none), the same on every process.
+        """Raise NonFiniteLossError on every process if any process saw a non-finite loss in this window, a
+        non-finite gradient norm, or non-finite weights after the previous step; else return the stop signal
+        any process received (0: none), the same on every process.
 
-        Both travel in one MIN all-reduce, the one the finite check needs anyway (a check on one
-        process only would leave the others waiting in the next collective): the finite flags as
-        1/0, then the signal number negated. Every process thus stops at this same step, and no
-        collective is added per micro-batch.
+        Everything travels in one MIN all-reduce, the one the finite check needs anyway (a check on one
+        process only would leave the others waiting in the next collective): the finite flags as 1/0,
+        then the signal number negated. Every process thus stops at this same step, and no collective is
+        added per micro-batch.
         """
+        norm_finite = self.grad_norm.isfinite() | torch.tensor(self.fp16, device=self.device)
         received = torch.tensor([-self.stop_signals.received], dtype=torch.int32, device=self.device)
-        flags = torch.cat([self.window_finite.to(torch.int32), received])
+        finite = torch.cat([self.window_finite, norm_finite[None], self.weights_finite[None]])
+        flags = torch.cat([finite.to(torch.int32), received])
         if self.multi_gpu:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         *finite_flags, negated_signal = flags.tolist()
-        for term, finite in zip(self.finite_terms, finite_flags):
-            if not finite:
+        for term, is_finite in zip([*self.finite_terms, "gradient norm", "weights"], finite_flags):
+            if not is_finite:
                 raise NonFiniteLossError(self.n_total_iter, term)
         return -negated_signal
+
+    def _check_weights_finite(self) -> None:
+        """Raise NonFiniteLossError when the last optimizer step left a non-finite weight; before every save.
+
+        Every process calls it (weights are the same on all), so all stop together.
+        """
+        if not bool(self.weights_finite):
+            raise NonFiniteLossError(self.n_total_iter, "weights")
 
     def log(self, iter_bar: tqdm) -> None:
         """Write the tensorboard scalars of this iteration and refresh the progress bar (master only)."""
@@ -787,9 +902,12 @@ class Distiller:
         tensors = self._scalar_tensors()
         # One host read for every tensor-valued scalar of this log.
         scalars = dict(zip(tensors, torch.stack([t.float() for t in tensors.values()]).tolist()))
+        elapsed = time.time() - self.last_log
         scalars["learning_rate/lr"] = self.scheduler.get_last_lr()[0]
         scalars["global/memory_usage"] = psutil.virtual_memory().used / 1_000_000  # MB used on the machine
-        scalars["global/speed"] = time.time() - self.last_log  # seconds since the last log
+        scalars["global/speed"] = elapsed  # seconds since the last log
+        # [+] Real (non-padding) tokens of every process, estimated from this one's.
+        scalars["global/tokens_per_second"] = self.n_tokens_since_log * self.world_size / max(elapsed, 1e-9)
         for tag, value in scalars.items():
             self.tensorboard.add_scalar(tag=tag, scalar_value=value, global_step=self.n_total_iter)
         iter_bar.set_postfix(
@@ -799,6 +917,7 @@ class Distiller:
             }
         )
         self.last_log = time.time()
+        self.n_tokens_since_log = 0
 
     def _scalar_tensors(self) -> dict[str, Tensor]:
         """The [F] parameter, gradient and loss scalars as 0-dim device tensors, keyed by tensorboard tag."""
@@ -810,6 +929,8 @@ class Distiller:
                 continue
             tensors[f"grad_mean/{name}"] = param.grad.mean()
             tensors[f"grad_std/{name}"] = param.grad.std()
+        if self.grad_norm is not None:
+            tensors["global/grad_norm"] = self.grad_norm  # [+] before clipping, at the last optimizer step
         tensors["losses/cum_avg_loss_epoch"] = self.total_loss_epoch / self.n_iter
         tensors["losses/loss"] = self.last_loss
         for term, value in self.last_losses.items():
@@ -846,6 +967,7 @@ class Distiller:
         if self.evaluator is None:
             return
         figures = self.evaluator(self.raw_student)
+        self.last_evaluation = {"iteration": self.n_total_iter, **figures}
         for name, value in figures.items():
             self.tensorboard.add_scalar(tag=f"eval/{name}", scalar_value=value, global_step=self.n_total_iter)
         logger.info(f"Evaluation at iteration {self.n_total_iter}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
@@ -855,17 +977,20 @@ class Distiller:
 
         Both go through a temporary file and a rename, so a crash never leaves a half-written checkpoint.
         """
+        self._check_weights_finite()
         if not self.is_master:
             return
         atomic_write(self.dump_path / "config.json", self.raw_student.config.to_json_file)
         atomic_write(self.dump_path / checkpoint_name, partial(torch.save, self.raw_student.state_dict()))
 
     def save_pretrained(self) -> None:
-        """Save the student with `save_pretrained` (config + safetensors) in dump_path (master only).
+        """Make dump_path a complete model folder (master only): the student's `save_pretrained` files
+        (config, safetensors, generation config), the tokenizer's, and a model card (README.md).
 
         Written in a temporary folder first, then each file renamed into place (fsynced): a crash
         never leaves a half-written file under a final name.
         """
+        self._check_weights_finite()
         if not self.is_master:
             return
         with (
@@ -873,7 +998,17 @@ class Distiller:
             tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}save_pretrained.", suffix=TMP_SUFFIX, dir=self.dump_path)
             as tmp,
         ):
+            if self.raw_student.can_generate():  # the token ids only: no training-time output flags
+                self.raw_student.generation_config = GenerationConfig(**{
+                    name: getattr(self.raw_student.config, name) for name in GENERATION_TOKEN_IDS
+                    if getattr(self.raw_student.config, name, None) is not None
+                })
             self.raw_student.save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            steps = {"optimizer_steps": self.n_optimizer_steps, "iterations": self.n_total_iter, "epochs": self.epoch}
+            card = render_model_card(self.params, self.raw_student, steps, self.last_evaluation)
+            (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             for file in Path(tmp).iterdir():
                 publish(file, self.dump_path / file.name)
 
@@ -908,6 +1043,7 @@ class Distiller:
         the window's first micro-batches rather than storing half-accumulated gradients, which differ
         on every process.
         """
+        self._check_weights_finite()
         at_boundary = self.n_total_iter % self.gradient_accumulation_steps == 0
         point = self.resume_point() if at_boundary else self.window_start
         rng_states = [point["rng"]]
@@ -938,26 +1074,33 @@ class Distiller:
     def _restore(self, state: dict) -> None:
         """Take up a training state: weights, optimizer, schedule, scaler, counters, data position.
 
-        The generator states are set when training starts (`train`), so that nothing draws from
-        them before the first batch.
+        Everything is checked before use (see `check_training_state`); the generator states are set
+        when training starts (`train`), so that nothing draws from them before the first batch.
 
         Raises:
-            UserError: the state belongs to another number of processes, seed or data.
+            UserError: the state is damaged, or belongs to another number of processes, seed, data or
+                model.
         """
-        position = state["position"]
-        saved = (len(state["rng"]), position["seed"], position["batches_per_epoch"])
-        if saved != (self.world_size, self.seed, self.batches_per_epoch):
+        problem = check_training_state(
+            state, self.world_size, self.seed, self.batches_per_epoch, self.n_epoch, self.gradient_accumulation_steps
+        )
+        if problem is None:
+            try:
+                self.raw_student.load_state_dict(state["student"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                self.scaler.load_state_dict(state["scaler"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as err:
+                problem = f"it does not fit this student and optimizer ({' '.join(str(err).split())[:300]})"
+            else:
+                problem = _optimizer_state_mismatch(self.optimizer)
+        if problem is not None:
             raise UserError(
-                f"the training state was saved by {saved[0]} process(es) with seed {saved[1]} and "
-                f"{saved[2]} batches per epoch; this run has {self.world_size}, {self.seed} and "
-                f"{self.batches_per_epoch}: resume with the same launcher, flags and data"
+                f"{str(self.dump_path / TRAINING_STATE)!r} cannot be resumed: {problem}; resume with the run's "
+                "launcher, flags and data, or start it again with --force"
             )
-        self.raw_student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        position, counters = state["position"], state["counters"]
         self.epoch, self.n_iter = position["epoch"], position["batches_done"]
-        counters = state["counters"]
         self.n_total_iter = counters["n_total_iter"]
         self.n_optimizer_steps = counters["n_optimizer_steps"]
         self.n_sequences_epoch = counters["n_sequences_epoch"]

@@ -22,17 +22,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
+from scripts.cli_flags import ArgumentParser, number, positive_int
 from scripts.token_data import TokenDataError, is_mmap_file, load_token_id_arrays, load_token_id_mmap
-from utils import IGNORE_INDEX, UserError, logger, run_command, special_token_ids, write_json
+from utils import (
+    IGNORE_INDEX,
+    MODEL_LOAD_ERRORS,
+    UserError,
+    load_failure,
+    logger,
+    run_command,
+    special_token_ids,
+    write_json,
+)
 
 T = TypeVar("T")
 EvalBatch = tuple[Tensor, Tensor, Tensor]  # input_ids (bs, len), attention_mask (bs, len) bool, labels (bs, len)
@@ -187,23 +195,21 @@ def load_model(name_or_path: str, config_path: str | None = None) -> nn.Module:
     config_source = config_path or (str(Path(name_or_path).parent) if is_file else name_or_path)
     try:
         config = AutoConfig.from_pretrained(config_source)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load a model config from {config_source!r}: {err}") from err
+    except MODEL_LOAD_ERRORS as err:
+        raise load_failure(f"a model config from {config_source!r}", config_source, err) from err
     auto_class = AutoModelForCausalLM if config.model_type in CAUSAL_MODEL_TYPES else AutoModelForMaskedLM
-    if not is_file:
-        try:
-            return auto_class.from_pretrained(name_or_path, config=config)
-        except (OSError, ValueError) as err:
-            raise UserError(f"could not load a model from {name_or_path!r}: {err}") from err
-    model = auto_class.from_config(config)
     try:
+        if not is_file:
+            return auto_class.from_pretrained(name_or_path, config=config)
+        model = auto_class.from_config(config)
         if name_or_path.endswith(".safetensors"):
             state_dict = load_safetensors(name_or_path)
         else:
             state_dict = torch.load(name_or_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state_dict)
-    except (OSError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
-        raise UserError(f"could not load weights {name_or_path!r} into a {config.model_type} model: {err}") from err
+    except (*MODEL_LOAD_ERRORS, pickle.UnpicklingError, EOFError) as err:
+        what = f"weights {name_or_path!r} into" if is_file else f"{name_or_path!r} as"
+        raise load_failure(f"{what} a {config.model_type} model", name_or_path, err) from err
     return model
 
 
@@ -212,7 +218,7 @@ def is_causal(model: nn.Module) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_file", required=True, help="Held-out binarized data (scripts/binarized_data.py output).")
     parser.add_argument(
         "--student", required=True,
@@ -221,11 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student_config", default=None, help="Config of a weights-file --student (default: config.json beside it).")
     parser.add_argument("--tokenizer_name", required=True, help="The tokenizer the data was binarized with (hub name or directory).")
     parser.add_argument("--teacher_name", default=None, help="Also report agreement with this teacher, and its own figures.")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--mask_prop", type=float, default=0.15, help="Share of each sequence's tokens masked (MLM).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the masked positions: same seed, same positions.")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument(
-        "--max_sequences", type=int, default=None, help="Evaluate only the first N sequences (after cleaning)."
+        "--mask_prop", type=number(float, 0, 1, low_open=True), default=0.15,
+        help="Share of each sequence's tokens masked (MLM).",
+    )
+    parser.add_argument(
+        "--seed", type=number(int, 0, 2**63 - 1), default=0, help="Seed of the masked positions: same seed, same positions."
+    )
+    parser.add_argument(
+        "--max_sequences", type=positive_int, default=None, help="Evaluate only the first N sequences (after cleaning)."
     )
     parser.add_argument("--output_json", default=None, help="Also write the figures to this JSON file.")
     return parser
@@ -240,19 +251,41 @@ def load_token_file(loader: Callable[[str], T], path: str, flag: str) -> T:
         raise UserError(f"could not read {flag}: {err}") from err
 
 
-def load_binarized_data(path: str, flag: str) -> list[np.ndarray] | FlatCorpus:
-    """Binarized data, told apart by name: a `.npy` file is memory-mapped, anything else is a pickle."""
+def load_binarized_data(path: str, flag: str, vocab_size: int | None = None) -> FlatCorpus:
+    """Binarized data as one flat corpus, told apart by name: a `.npy` file is memory-mapped, anything else is a pickle.
+
+    With `vocab_size`, every id is checked to lie in [0, vocab_size) (see `check_token_ids`).
+
+    Raises:
+        UserError: the file is missing or damaged, or holds an id outside the vocabulary.
+    """
     if is_mmap_file(path):
-        return FlatCorpus(*load_token_file(load_token_id_mmap, path, flag))
-    return load_token_file(load_token_id_arrays, path, flag)
+        corpus = FlatCorpus(*load_token_file(load_token_id_mmap, path, flag))
+    else:
+        corpus = FlatCorpus.from_arrays(load_token_file(load_token_id_arrays, path, flag))
+    if vocab_size is not None:
+        check_token_ids(corpus, vocab_size, path, flag)
+    return corpus
+
+
+def check_token_ids(corpus: FlatCorpus, vocab_size: int, path: str, flag: str) -> None:
+    """Refuse binarized data holding an id outside [0, vocab_size), checked once, vectorised (a model would
+    otherwise fail on it mid-training, or silently read the wrong row)."""
+    outside = corpus.first_id_outside(vocab_size)
+    if outside is not None:
+        raise UserError(
+            f"{flag} {path!r} holds token id {outside}, outside the vocabulary of {vocab_size} entries (ids 0 to "
+            f"{vocab_size - 1}); binarize the text with the tokenizer of this model"
+        )
 
 
 def load_eval_batches(
     data_file: str, tokenizer, max_input_size: int, mlm: bool, batch_size: int,
-    mask_prop: float, seed: int, max_sequences: int | None = None,
+    mask_prop: float, seed: int, max_sequences: int | None = None, vocab_size: int | None = None,
 ) -> list[EvalBatch]:
-    """Read a binarized held-out file (safely: nothing in it can run) and turn it into fixed evaluation batches."""
-    data = load_binarized_data(data_file, "--data_file")
+    """Read a binarized held-out file (safely: nothing in it can run; ids checked against `vocab_size` when
+    given) and turn it into fixed evaluation batches."""
+    data = load_binarized_data(data_file, "--data_file", vocab_size)
     special = special_token_ids(tokenizer)
     params = Namespace(max_model_input_size=max_input_size, mlm=mlm, special_tok_ids=special, is_master=True)
     dataset = LmSeqsDataset(params, data)
@@ -272,12 +305,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     teacher = load_model(args.teacher_name) if args.teacher_name else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load a tokenizer from --tokenizer_name {args.tokenizer_name!r}: {err}") from err
+    except MODEL_LOAD_ERRORS as err:
+        raise load_failure(f"a tokenizer from --tokenizer_name {args.tokenizer_name!r}", args.tokenizer_name, err) from err
     mlm = not is_causal(student)
     max_input_size = min(tokenizer.model_max_length, _max_positions(student))
+    vocab_size = min(model.config.vocab_size for model in (student, teacher) if model is not None)
     batches = load_eval_batches(
-        args.data_file, tokenizer, max_input_size, mlm, args.batch_size, args.mask_prop, args.seed, args.max_sequences
+        args.data_file, tokenizer, max_input_size, mlm, args.batch_size, args.mask_prop, args.seed, args.max_sequences,
+        vocab_size,
     )
     results = {"student": evaluate_model(student, batches, mlm, teacher)}
     if teacher is not None:

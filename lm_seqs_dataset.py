@@ -64,6 +64,17 @@ class FlatCorpus:
         if self.order is not None and not _is_permutation(self.order, n):
             raise UserError(f"the order of the sequences is not a permutation of the {n} sequences")
 
+    def first_id_outside(self, vocab_size: int) -> int | None:
+        """The first id that is negative or not below `vocab_size`, or None; a block at a time (a mapped
+        corpus streams from disk once, never loaded whole)."""
+        if self.ids.dtype.kind == "u" and np.iinfo(self.ids.dtype).max < vocab_size:
+            return None  # every value of the dtype is a valid id
+        for begin in range(0, self.ids.size, _SCAN_BLOCK):
+            block = self.ids[begin : begin + _SCAN_BLOCK]
+            if block.size and (block.max() >= vocab_size or block.min() < 0):
+                return int(block[np.argmax((block >= vocab_size) | (block < 0))])
+        return None
+
     @classmethod
     def from_arrays(cls, data: Sequence[np.ndarray]) -> "FlatCorpus":
         """One flat copy of a list of 1-D id arrays; `map(len)` and `concatenate` loop in C, not Python."""

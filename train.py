@@ -38,23 +38,20 @@ power cut) loses only the iterations since its last checkpoint:
 """
 
 import argparse
-import fcntl
 import json
 import math
 import os
 import pickle
 import shlex
-import shutil
 import sys
+import tempfile
 from argparse import Namespace
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -72,23 +69,25 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
+import run_folder
 from distiller import LOSS_TERMS, TEACHER_TERMS, TRAINING_STATE, Distiller, load_training_state
-from evaluation import Evaluator, build_eval_batches, load_binarized_data, load_token_file
+from evaluation import Evaluator, build_eval_batches, check_token_ids, load_binarized_data, load_token_file
 from lm_seqs_dataset import LmSeqsDataset
+from run_folder import RunFolderLock
+from scripts.cli_flags import ArgumentParser, out_of_range
 from scripts.token_data import load_token_counts
 from utils import (
     DIST_TIMEOUT_S,
+    MODEL_LOAD_ERRORS,
     NonFiniteLossError,
     TrainingInterrupted,
     UserError,
-    git_log,
     init_gpu_params,
+    load_failure,
     logger,
-    remove_stale_temporaries,
     set_seed,
     setup_logging,
     special_token_ids,
-    write_json,
 )
 
 STUDENT_CLASSES = {
@@ -112,9 +111,36 @@ REQUIRED_ROLES = {
     True: ("cls_token", "sep_token", "pad_token", "mask_token"),  # --mlm
     False: ("bos_token", "eos_token", "unk_token"),
 }
-POSITIVE_INT_FLAGS = (
-    "n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval", "dist_timeout"
-)
+# The range of every numeric flag, as out_of_range's (low, high, low_open, high_open): checked before
+# anything else, so that NaN, infinities and impossible values never reach the optimizer, the sampler,
+# the masking or the random generators.
+FLAG_RANGES = {
+    "temperature": (0, None, True),
+    **{f"alpha_{term}": (0,) for term in LOSS_TERMS},
+    "mlm_mask_prop": (0, 1, True),
+    "word_mask": (0, 1),
+    "word_keep": (0, 1),
+    "word_rand": (0, 1),
+    "mlm_smoothing": (0,),
+    "n_epoch": (1,),
+    "batch_size": (1,),
+    "gradient_accumulation_steps": (1,),
+    "warmup_prop": (0, 1),
+    # Bounded so that AdamW's arithmetic (lr / bias correction, 1 - lr x decay) stays within float32.
+    "weight_decay": (0, 1e3),
+    "learning_rate": (0, 1e3),
+    "adam_epsilon": (0, None, True),
+    "max_grad_norm": (0, None, True),
+    "initializer_range": (0,),
+    "max_model_input_size": (3,),
+    "n_gpu": (0,),
+    "num_workers": (0,),
+    "seed": (0, 2**32 - 1),  # numpy's seeds
+    "dist_timeout": (1,),
+    "eval_interval": (0,),
+    "log_interval": (1,),
+    "checkpoint_interval": (1,),
+}
 # Flags a --resume may change: how often files are written, what is evaluated, how long processes
 # wait for each other; never the numbers the training computes. Every other flag must be the run's,
 # except those naming this invocation rather than the run.
@@ -123,11 +149,14 @@ MAY_CHANGE_ON_RESUME = (
     "num_workers", "compile",
 )
 NOT_COMPARED_ON_RESUME = ("dump_path", "force", "resume", "local_rank", *MAY_CHANGE_ON_RESUME)
+# Starting weights must hold at least this share of the student's tensors (an extraction without
+# --vocab_transform lacks only the head's transform).
+MIN_WEIGHT_COVERAGE = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of the original train.py with its default, plus --bf16 and --max_model_input_size."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Distil a teacher language model into a student (DistilBERT / DistilRoBERTa / DistilGPT2).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -295,9 +324,11 @@ def sanity_checks(args: Namespace) -> None:
     Raises:
         UserError: naming the flag, the value and the fix.
     """
-    for term in LOSS_TERMS:
-        if getattr(args, f"alpha_{term}") < 0:
-            raise UserError(f"--alpha_{term} must be >= 0 (got {getattr(args, f'alpha_{term}')})")
+    for flag, bounds in FLAG_RANGES.items():
+        value = getattr(args, flag)
+        problem = None if value is None else out_of_range(value, *bounds)
+        if problem:
+            raise UserError(f"--{flag} must be {problem} (got {value})")
     if sum(getattr(args, f"alpha_{term}") for term in LOSS_TERMS) <= 0:
         raise UserError("the loss weights sum to 0: set at least one of --alpha_ce/mlm/clm/mse/cos > 0")
     if args.mlm and args.alpha_mlm <= 0:
@@ -337,58 +368,22 @@ def sanity_checks(args: Namespace) -> None:
         raise UserError(f"--student_config {args.student_config!r} does not exist (see training_configs/)")
     if args.eval_data_file is not None and not os.path.isfile(args.eval_data_file):
         raise UserError(f"--eval_data_file {args.eval_data_file!r} does not exist; make it with scripts/binarized_data.py")
-    if args.eval_interval < 0:
-        raise UserError(f"--eval_interval must be >= 0 (got {args.eval_interval})")
     if args.student_pretrained_weights is not None and not os.path.exists(args.student_pretrained_weights):
         raise UserError(f"--student_pretrained_weights {args.student_pretrained_weights!r} does not exist")
     if args.freeze_token_type_embds and args.student_type != "roberta":
         raise UserError(
             f"--freeze_token_type_embds only applies to --student_type roberta (got {args.student_type}); drop it"
         )
-
-    for flag in POSITIVE_INT_FLAGS:
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature must be > 0 (got {args.temperature})")
-    if not 0.0 <= args.warmup_prop <= 1.0:
-        raise UserError(f"--warmup_prop must be in [0, 1] (got {args.warmup_prop})")
-    if args.max_grad_norm <= 0:
-        raise UserError(f"--max_grad_norm must be > 0 (got {args.max_grad_norm})")
-    if args.mlm and not 0.0 < args.mlm_mask_prop <= 1.0:
-        raise UserError(f"--mlm_mask_prop must be in (0, 1] (got {args.mlm_mask_prop})")
     word_probs = (args.word_mask, args.word_keep, args.word_rand)
-    if args.mlm and (min(word_probs) < 0 or not math.isclose(sum(word_probs), 1.0, abs_tol=1e-6)):
+    if args.mlm and not math.isclose(sum(word_probs), 1.0, abs_tol=1e-6):
         raise UserError(
             f"--word_mask, --word_keep and --word_rand must be >= 0 and sum to 1 (got {args.word_mask}, "
             f"{args.word_keep}, {args.word_rand})"
         )
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are exclusive: pick one")
-    if args.max_model_input_size is not None and args.max_model_input_size < 3:
-        raise UserError(f"--max_model_input_size must be >= 3 (got {args.max_model_input_size})")
-    if args.n_gpu < 0:
-        raise UserError(f"--n_gpu must be >= 0 (got {args.n_gpu})")
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers must be >= 0 (got {args.num_workers})")
     if args.resume and args.force:
         raise UserError("--resume continues the run in --dump_path and --force deletes it: pass only one of them")
-
-
-def check_dump_path(args: Namespace) -> None:
-    """Refuse an existing --dump_path without --force, and a --force that would delete the run's own inputs."""
-    dump_path = Path(args.dump_path).resolve()
-    if not dump_path.exists():
-        return
-    if not args.force:
-        raise UserError(f"--dump_path {args.dump_path!r} already exists; pass --force to replace it")
-    inputs = (
-        args.data_file, args.token_counts, args.student_config, args.student_pretrained_weights, args.teacher_name
-    )
-    for path in filter(None, inputs):
-        resolved = Path(path).resolve()
-        if resolved == dump_path or dump_path in resolved.parents or resolved in dump_path.parents:
-            raise UserError(f"--force would delete {path!r} together with --dump_path {args.dump_path!r}; pick another")
 
 
 def check_resume(args: Namespace) -> None:
@@ -431,59 +426,6 @@ def check_resume(args: Namespace) -> None:
             f"--resume: {', '.join(differing)} differ from the run's parameters.json; pass the run's values "
             f"(only --{', --'.join(MAY_CHANGE_ON_RESUME)} may change)"
         )
-
-
-@contextmanager
-def dump_path_lock(dump_path: str) -> Iterator[None]:
-    """Hold an exclusive lock on the --dump_path folder; refuse a folder that another live run holds.
-
-    Two runs writing the same checkpoints (a job requeued while the first still runs, a command
-    started twice) would corrupt both. The lock is flock on the folder itself: nothing is written
-    into it, and the kernel drops it when its holder ends, however it ends (kill -9 included), so a
-    lock never outlives its run. On a filesystem without locks a warning says the folder is unguarded.
-    """
-    folder = os.open(dump_path, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(folder)
-        raise UserError(
-            f"--dump_path {dump_path!r} is in use by another run that is still going; wait for it to end or stop it"
-        ) from None
-    except OSError as err:
-        logger.warning(f"Could not lock --dump_path {dump_path!r} ({err}): nothing stops a second run writing there")
-    try:
-        yield
-    finally:
-        os.close(folder)  # releases the lock
-
-
-def prepare_dump_path(args: Namespace) -> None:
-    """Create (with --force: replace) --dump_path and write parameters.json and git_log.json into it.
-
-    With --resume everything stays; only the temporaries of writes a kill interrupted are deleted.
-    """
-    dump_path = Path(args.dump_path)
-    if args.resume:
-        removed = remove_stale_temporaries(dump_path)
-        if removed:
-            logger.info(f"Removed the temporaries of interrupted writes: {removed}")
-        logger.info(f"Resuming the run in {dump_path}")
-        return
-    if dump_path.is_dir():  # emptied, not removed: the lock is on the folder
-        logger.info(f"--force: replacing the contents of the existing {dump_path}")
-        for entry in dump_path.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    else:
-        if dump_path.exists():
-            dump_path.unlink()
-        dump_path.mkdir(parents=True)
-    logger.info(f"Experiment will be dumped and logged in {dump_path}")
-    write_json(dump_path / "parameters.json", vars(args))
-    git_log(dump_path)
 
 
 def required_special_token_ids(tokenizer: PreTrainedTokenizerBase, mlm: bool) -> dict[str, int]:
@@ -538,12 +480,12 @@ def load_tokenizer(args: Namespace) -> PreTrainedTokenizerBase:
     """The teacher's tokenizer."""
     try:
         return AutoTokenizer.from_pretrained(args.teacher_name)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load a tokenizer from --teacher_name {args.teacher_name!r}: {err}") from err
+    except MODEL_LOAD_ERRORS as err:
+        raise load_failure(f"a tokenizer from --teacher_name {args.teacher_name!r}", args.teacher_name, err) from err
 
 
 def load_teacher(args: Namespace, with_weights: bool) -> tuple[nn.Module | None, PretrainedConfig]:
-    """The teacher model (hidden states on, for the cosine loss) and its config.
+    """The teacher model and its config; its weights are checked to be finite.
 
     Without weights only the config is read: a run with no teacher term never runs the teacher.
     """
@@ -551,12 +493,19 @@ def load_teacher(args: Namespace, with_weights: bool) -> tuple[nn.Module | None,
     try:
         if not with_weights:
             return None, config_class.from_pretrained(args.teacher_name)
-        teacher = model_class.from_pretrained(args.teacher_name, output_hidden_states=True)
-        return teacher, teacher.config
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"could not load a {args.teacher_type} teacher from --teacher_name {args.teacher_name!r}: {err}"
-        ) from err
+        teacher = model_class.from_pretrained(args.teacher_name)
+    except MODEL_LOAD_ERRORS as err:
+        raise load_failure(f"a {args.teacher_type} teacher from --teacher_name {args.teacher_name!r}", args.teacher_name,
+                           err) from err
+    check_finite(teacher, f"the teacher --teacher_name {args.teacher_name!r}")
+    return teacher, teacher.config
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse a model with a NaN or infinite weight: it would only fail at the first step, after --force."""
+    bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        raise UserError(f"{what} has non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]!r}")
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -564,41 +513,67 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         if path.endswith(".safetensors"):
             return load_safetensors(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
-        raise UserError(f"could not read --student_pretrained_weights {path!r}: {err}") from err
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (*MODEL_LOAD_ERRORS, pickle.UnpicklingError, EOFError) as err:
+        raise UserError(f"could not read --student_pretrained_weights {path!r}: {' '.join(str(err).split())}") from err
+    if not isinstance(state, dict):
+        raise UserError(f"--student_pretrained_weights {path!r} holds a {type(state).__name__}, not a state dict")
+    return state  # entries that are not the student's (a training state's "optimizer"...) count as unexpected
 
 
-def build_student(args: Namespace) -> nn.Module:
-    """The student from --student_config (hidden states on), initialised from --student_pretrained_weights if given."""
+def read_student_config(args: Namespace) -> PretrainedConfig:
+    """--student_config, refused in one line when it is not a JSON object of that family or is inconsistent."""
     config_class, model_class = STUDENT_CLASSES[args.student_type]
     try:
         config = config_class.from_json_file(args.student_config)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not read --student_config {args.student_config!r}: {err}") from err
-    config.output_hidden_states = True
-    weights = args.student_pretrained_weights
-    if weights is None:
-        logger.info("Student initialised at random from its config")
-        return model_class(config)
+    except MODEL_LOAD_ERRORS as err:
+        raise UserError(f"could not read --student_config {args.student_config!r}: {' '.join(str(err).split())}") from err
+    return config
 
-    logger.info(f"Loading the student's initial weights from {weights}")
-    if os.path.isdir(weights):
-        try:
+
+def build_student(args: Namespace) -> nn.Module:
+    """The student from --student_config, initialised from --student_pretrained_weights if given.
+
+    Starting weights must cover most of the student (MIN_WEIGHT_COVERAGE of its tensors) and be finite:
+    a checkpoint of another model (the teacher's, a GPT-2's for a DistilBERT, a training state) would
+    otherwise leave it at random initialisation with two warnings.
+    """
+    config = read_student_config(args)
+    _, model_class = STUDENT_CLASSES[args.student_type]
+    weights = args.student_pretrained_weights
+    try:
+        if weights is None:
+            logger.info("Student initialised at random from its config")
+            return model_class(config)
+        logger.info(f"Loading the student's initial weights from {weights}")
+        if os.path.isdir(weights):
             student, info = model_class.from_pretrained(weights, config=config, output_loading_info=True)
-        except (OSError, ValueError, RuntimeError) as err:
-            raise UserError(f"could not load --student_pretrained_weights {weights!r}: {err}") from err
-        missing, unexpected = info["missing_keys"], info["unexpected_keys"]
-    else:
-        student = model_class(config)
-        try:
+            missing, unexpected = info["missing_keys"], info["unexpected_keys"]
+        else:
+            student = model_class(config)
             missing, unexpected = student.load_state_dict(_read_state_dict(weights), strict=False)
-        except RuntimeError as err:  # shape mismatches: a checkpoint of another architecture
-            raise UserError(f"--student_pretrained_weights {weights!r} does not fit the student: {err}") from err
+    except UserError:
+        raise
+    except MODEL_LOAD_ERRORS as err:
+        reason = " ".join(str(err).split())[:500]
+        if weights is None:  # an inconsistent config: heads not dividing the width...
+            raise UserError(f"could not build the student from --student_config {args.student_config!r}: {reason}") from err
+        # shape mismatches included: a checkpoint of another architecture or width
+        raise UserError(f"--student_pretrained_weights {weights!r} does not fit the student: {reason}") from err
+    n_tensors = len(student.state_dict())
+    n_found = n_tensors - len(set(missing))
+    if n_found < MIN_WEIGHT_COVERAGE * n_tensors:
+        example = f", e.g. {sorted(unexpected)[0]!r}" if unexpected else ""
+        raise UserError(
+            f"--student_pretrained_weights {weights!r} holds only {n_found} of the student's {n_tensors} tensors "
+            f"({len(unexpected)} others{example}); pass a checkpoint made for this student (scripts/"
+            "extract_distilbert.py or scripts/extract.py), or none to start from random weights"
+        )
     if missing:
         logger.warning(f"{len(missing)} student weights not in the checkpoint (left at random init): {sorted(missing)}")
     if unexpected:
         logger.warning(f"{len(unexpected)} checkpoint weights unknown to the student (ignored): {sorted(unexpected)}")
+    check_finite(student, f"--student_pretrained_weights {weights!r}")
     return student
 
 
@@ -615,9 +590,9 @@ def freeze_embeddings(student: nn.Module, args: Namespace) -> None:
         student.roberta.embeddings.token_type_embeddings.weight.requires_grad_(False)
 
 
-def build_evaluator(args: Namespace, teacher: nn.Module | None) -> Evaluator:
+def build_evaluator(args: Namespace, teacher: nn.Module | None, vocab_size: int) -> Evaluator:
     """Held-out batches from --eval_data_file, masked once with --seed: every evaluation sees the same targets."""
-    held_out = LmSeqsDataset(args, load_binarized_data(args.eval_data_file, "--eval_data_file"))
+    held_out = LmSeqsDataset(args, load_binarized_data(args.eval_data_file, "--eval_data_file", vocab_size))
     special = args.special_tok_ids
     batches = build_eval_batches(
         held_out, args.batch_size, args.mlm, special.values(), special.get("mask_token"), args.mlm_mask_prop, args.seed
@@ -645,30 +620,59 @@ def check_compatibility(student: nn.Module, teacher_config: PretrainedConfig, co
         )
 
 
-def run(args: Namespace) -> None:
-    """Build everything that can fail, then (re)create --dump_path and train.
+def tokenizer_file_names(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    """The names of the files `tokenizer.save_pretrained` writes: a run writes them into --dump_path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {path.name for path in Path(tmp).iterdir()}
 
-    The master locks --dump_path (see dump_path_lock) before anything else when it exists (--force,
-    --resume), else as soon as it creates it, and holds it to the end.
+
+def prepare_run_folder(args: Namespace, lock: RunFolderLock, run_files: set[str]) -> None:
+    """The master prepares --dump_path (run_folder.prepare); every process learns whether it could.
+
+    A failure on the master alone would leave the other processes waiting in their first collective
+    until --dist_timeout: they stop with it instead.
     """
-    logger.info(f"Command line: {shlex.join(sys.argv)}")
-    logger.info(f"Parameters: {json.dumps(vars(args), sort_keys=True)}")
+    error = None
+    if args.is_master:
+        try:
+            run_folder.prepare(args, lock, run_files)
+        except UserError as err:
+            error = err
+    if args.multi_gpu:
+        prepared = torch.tensor([int(error is None)], device=args.device)
+        dist.all_reduce(prepared, op=dist.ReduceOp.MIN)
+        if error is None and not prepared.item():
+            error = UserError("the master process could not prepare --dump_path; its error says why")
+    if error is not None:
+        raise error
+
+
+def run(args: Namespace) -> None:
+    """Build and check everything that can fail, then (re)create --dump_path and train.
+
+    Nothing is written before every flag, input file, model, weight and training state has passed its
+    checks and the Distiller (optimizer, sampler, restored state) is built: a failed start loses nothing.
+    The master locks an existing --dump_path before anything else (a folder in use by another run is
+    refused at once), a new one as soon as it creates it, and holds the lock to the end.
+    """
     init_gpu_params(args)
+    logger.info(f"Command line: {shlex.join(sys.argv)}")
+    logger.info(f"Parameters: {json.dumps(vars(args), sort_keys=True, default=str)}")
     set_seed(args)
-    with ExitStack() as held:
-        dump_path_existed = args.is_master and Path(args.dump_path).is_dir()
-        if dump_path_existed:
-            held.enter_context(dump_path_lock(args.dump_path))
+    if args.is_master and (args.fp16 or args.fp16_opt_level != "O1"):
+        logger.warning(f"--fp16_opt_level {args.fp16_opt_level} is ignored: it was an apex option, "
+                       "--fp16 now uses torch.autocast with a GradScaler")
+    with RunFolderLock(args.dump_path) as lock:
+        if args.is_master and Path(args.dump_path).is_dir():
+            lock.acquire()
+        tokenizer = load_tokenizer(args)
+        run_files = tokenizer_file_names(tokenizer) if args.is_master else set()
         if args.resume:
             check_resume(args)
         elif args.is_master:
-            check_dump_path(args)
-        if args.is_master:
-            if args.fp16 or args.fp16_opt_level != "O1":
-                logger.warning(f"--fp16_opt_level {args.fp16_opt_level} is ignored: it was an apex option, "
-                               "--fp16 now uses torch.autocast with a GradScaler")
+            run_folder.check_replaceable(args, run_files)
 
-        tokenizer = load_tokenizer(args)
         args.special_tok_ids = required_special_token_ids(tokenizer, args.mlm)
         logger.info(f"Special tokens {args.special_tok_ids}")
         needs_teacher = any(getattr(args, f"alpha_{term}") > 0 for term in TEACHER_TERMS)
@@ -679,25 +683,22 @@ def run(args: Namespace) -> None:
         logger.info(f"Maximum model input size: {args.max_model_input_size}")
 
         data = load_binarized_data(args.data_file, "--data_file")
-        counts, token_probs = None, None
-        if args.mlm:
-            counts = load_token_file(load_token_counts, args.token_counts, "--token_counts")
-            token_probs = token_probs_from_counts(counts, args.special_tok_ids.values(), args.mlm_smoothing)
-        dataset = LmSeqsDataset(args, data)
-        del data  # the dataset holds its own flat copy (or a view of the map): free the list of arrays
-
+        counts = load_token_file(load_token_counts, args.token_counts, "--token_counts") if args.mlm else None
         student = build_student(args)
         freeze_embeddings(student, args)
         check_compatibility(student, teacher_config, counts)
-        evaluator = build_evaluator(args, teacher) if args.is_master and args.eval_data_file else None
+        vocab_size = student.config.vocab_size
+        check_token_ids(data, vocab_size, args.data_file, "--data_file")
+        dataset = LmSeqsDataset(args, data)
+        del data  # the dataset holds it, or the views of it it keeps
+        token_probs = token_probs_from_counts(counts, args.special_tok_ids.values(), args.mlm_smoothing) if args.mlm else None
+        evaluator = build_evaluator(args, teacher, vocab_size) if args.is_master and args.eval_data_file else None
 
-        if args.is_master:
-            prepare_dump_path(args)
-            if not dump_path_existed:
-                held.enter_context(dump_path_lock(args.dump_path))
         training_state = load_training_state(args.dump_path) if args.resume else None  # read by every process
-        distiller = Distiller(args, dataset, token_probs, student, teacher, evaluator, training_state)
+        distiller = Distiller(args, dataset, token_probs, student, teacher, evaluator, training_state, tokenizer)
         del training_state  # taken up: free this copy of the weights and optimizer state before training
+
+        prepare_run_folder(args, lock, run_files)
         try:
             distiller.train()
         finally:

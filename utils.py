@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s"
 LOG_DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
@@ -55,18 +56,43 @@ def run_command(main: Callable[[], object]) -> None:
         sys.exit(1)
 
 
+# What loading a model, config, tokenizer or weights file raises when its files are missing, damaged,
+# inconsistent (heads not dividing the width) or unreachable: each means "cannot use this input".
+MODEL_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError)
+
+
+def load_failure(what: str, name: str | None, err: Exception) -> UserError:
+    """The one-line error for `what` (e.g. "a tokenizer from --teacher_name 'x'") that could not be loaded.
+
+    A name that is no local path was looked up on the hub: without network that retries for minutes
+    first, which HF_HUB_OFFLINE=1 avoids, so the message says so.
+    """
+    hint = ""
+    if name is not None and not os.path.exists(name):
+        hint = " (no such local path; a hub name needs network: set HF_HUB_OFFLINE=1 to fail at once without it)"
+    return UserError(f"could not load {what}: {' '.join(str(err).split()) or type(err).__name__}{hint}")
+
+
 class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; raised before the optimizer step, so weights stay the last good ones.
+    """A loss term, the gradient norm or the weights became NaN or infinite; nothing non-finite was saved.
+
+    Raised before the optimizer step for a loss term or the gradient norm (the weights are the last good
+    ones), and right after it for the weights (before anything is saved, so the checkpoints on disk are).
 
     Args:
         step: the training iteration (micro-batch count) at which the check ran.
-        term: the loss term that is not finite, e.g. `loss_ce`, or `loss` for the weighted total.
+        term: what is not finite, e.g. `loss_ce`, `loss` for the weighted total, `gradient norm`, `weights`.
     """
 
     def __init__(self, step: int, term: str):
+        if term == "weights":
+            where = ("after the optimizer step, before anything was saved, so the checkpoints on disk are the "
+                     "last good ones")
+        else:
+            where = "stopped before the optimizer step, so the weights and the checkpoints on disk are the last good ones"
         super().__init__(
-            f"{term} is not finite at iteration {step}; stopped before the optimizer step, "
-            "so the weights and the checkpoints on disk are the last good ones"
+            f"{term} is not finite at iteration {step}; {where} (lower --learning_rate or --max_grad_norm, or "
+            "check the data and the starting weights)"
         )
         self.step = step
         self.term = term
@@ -131,13 +157,20 @@ def publish(tmp: Path, target: Path) -> None:
 
 @contextmanager
 def reported_as_write_error(target: Path) -> Iterator[None]:
-    """Turn an OSError raised inside the block into a one-line WriteError naming `target`."""
+    """Turn a failed write inside the block into a one-line WriteError naming `target`.
+
+    A write fails as an OSError (full disk, unwritable folder, a file where a folder should be), or, from
+    torch.save and safetensors, as a RuntimeError or a safetensors error carrying the OSError's text.
+    """
     try:
         yield
     except WriteError:
         raise
     except OSError as err:
         raise WriteError(f"could not write {str(target)!r}: {err.strerror or err}") from err
+    except (RuntimeError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WriteError(f"could not write {str(target)!r} (is the disk full?): {reason}") from err
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
@@ -147,7 +180,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     partial file at `path` (a kill may leave the temporary, which `remove_stale_temporaries` deletes).
 
     Raises:
-        WriteError: on any OSError (disk full, unwritable folder), naming `path`.
+        WriteError: when the write fails (disk full, unwritable folder), naming `path`.
     """
     target = Path(path)
     with reported_as_write_error(target):
@@ -238,7 +271,8 @@ def init_gpu_params(params: Namespace) -> None:
     falls back to `--local_rank` / `--local-rank` as passed by `torch.distributed.launch`.
 
     Sets on `params`: world_size, global_rank, local_rank, n_gpu_per_node, n_nodes, node_id,
-    is_master (node 0, local rank 0), multi_gpu (more than one process), multi_node and device.
+    is_master (node 0, local rank 0), multi_gpu (more than one process), multi_node and device. Every
+    process but the master then logs warnings and errors only.
 
     The process group gets `params.dist_timeout` seconds: a collective that waits longer for a
     process (dead, or hung) fails on the others instead of blocking them forever.
@@ -279,6 +313,8 @@ def init_gpu_params(params: Namespace) -> None:
     params.is_master = node_id == 0 and local_rank == 0
     params.multi_gpu = world_size > 1
     params.multi_node = n_nodes > 1
+    if not params.is_master:  # one voice: the other processes report only warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
     if params.n_gpu > 0:
         torch.cuda.set_device(local_rank)
         params.device = torch.device("cuda", local_rank)

@@ -23,8 +23,21 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
-    """'> 0', '>= 1', 'in (0, 1]', ... for an error message."""
+def out_of_range(
+    value: float, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> str | None:
+    """None when `value` is finite and within [low, high] (open ends as asked), else what it must be.
+
+    Returns:
+        None, or the requirement it breaks, worded to follow "must be": 'a finite number', '> 0',
+        '>= 1', 'in (0, 1]', ...
+    """
+    if not math.isfinite(value):
+        return "a finite number"
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not (too_low or too_high):
+        return None
     if high is None:
         return f"{'>' if low_open else '>='} {low:g}"
     if low is None:
@@ -43,19 +56,15 @@ def number(
 
     Example: `type=number(float, 0, 1, low_open=True)` accepts (0, 1] and refuses `nan`, `inf`, `0`, `2`.
     """
-    allowed = None if low is None and high is None else _range_text(low, high, low_open, high_open)
 
     def parse(text: str) -> float | int:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        problem = out_of_range(value, low, high, low_open, high_open)
+        if problem:
+            raise argparse.ArgumentTypeError(f"must be {problem}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its own messages

@@ -1,11 +1,61 @@
-"""Helpers shared by the tests that drive the command-line tools: one-line errors, train.main in-process,
-and the environment and port of child processes."""
+"""Helpers shared by the tests that drive the command-line tools: one-line errors, train.main in-process
+and in a child process, a valid train.py command line per family, and the environment and port of child
+processes."""
 
 import os
 import socket
 import subprocess
+import sys
 
 import train
+
+STUDENT_OF = {"bert": "distilbert", "roberta": "roberta", "gpt2": "gpt2"}
+
+# One realistic flag set per family; together they cover every loss term and every freezing flag.
+FAMILY_FLAGS = {
+    "bert": ["--mlm", "--alpha_ce", "5.0", "--alpha_mlm", "2.0", "--alpha_cos", "1.0", "--alpha_clm", "0.0",
+             "--freeze_pos_embs"],
+    "roberta": ["--mlm", "--alpha_ce", "1.0", "--alpha_mlm", "1.0", "--alpha_mse", "0.01", "--alpha_clm", "0.0",
+                "--restrict_ce_to_mask", "--freeze_pos_embs", "--freeze_token_type_embds"],
+    "gpt2": ["--alpha_ce", "1.0", "--alpha_clm", "1.0", "--alpha_cos", "1.0", "--group_by_size", "--freeze_pos_embs"],
+}
+
+
+def base_argv(inputs: dict, kind: str, dump_path) -> list[str]:
+    """A valid command line for `kind` (its FAMILY_FLAGS), without run-length flags."""
+    argv = [
+        "--dump_path", str(dump_path), "--data_file", inputs[kind]["data_file"],
+        "--student_type", STUDENT_OF[kind], "--student_config", inputs[kind]["student_config"],
+        "--teacher_type", kind, "--teacher_name", inputs[kind]["teacher_name"], *FAMILY_FLAGS[kind],
+    ]
+    if "--mlm" in FAMILY_FLAGS[kind]:
+        argv += ["--token_counts", inputs[kind]["token_counts"]]
+    return argv
+
+
+def with_flags(argv: list[str], flags: dict[str, str | None]) -> list[str]:
+    """`argv` with each flag's value replaced (or the flag appended; None = a switch)."""
+    argv = list(argv)
+    for flag, value in flags.items():
+        if flag in argv and value is not None:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag] if value is None else [flag, value]
+    return argv
+
+
+def run_cli(argv: list[str], cwd, **popen_options) -> subprocess.CompletedProcess:
+    """`python train.py ...` in a fresh process, from `cwd` (not the repo), without launcher variables.
+
+    One intra-op thread: tiny models gain nothing from more, and it keeps parallel test runs from thrashing.
+    `popen_options` go to subprocess.run (e.g. a preexec_fn that limits the process).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    script = os.path.join(os.path.dirname(train.__file__), "train.py")
+    options = {"env": env, **popen_options}
+    return subprocess.run([sys.executable, script, *argv], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          **options)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -10,6 +10,10 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import assets  # noqa: E402  (tests/ is on sys.path through pytest's rootdir insertion)
+import binarized_data  # noqa: E402
+import token_counts  # noqa: E402
+from cli_checks import STUDENT_OF  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 TOKENIZER_KINDS = ("bert", "roberta", "gpt2")
 
@@ -46,3 +50,28 @@ def teacher_dirs(tmp_path_factory, tokenizer_dirs) -> dict[str, Path]:
         kind: assets.build_teacher(kind, root / f"tiny-{kind}-teacher", tokenizer_dirs[kind])
         for kind in TOKENIZER_KINDS
     }
+
+
+@pytest.fixture(scope="session")
+def family_inputs(tmp_path_factory, corpus_file, teacher_dirs) -> dict[str, dict[str, str]]:
+    """Per family: binarized data and counts from the real scripts, and a tiny student config (1 layer)."""
+    root = tmp_path_factory.mktemp("train_inputs")
+    inputs = {}
+    for kind, teacher_dir in teacher_dirs.items():
+        vocab_size = AutoTokenizer.from_pretrained(teacher_dir).__len__()
+        binarized_data.main([
+            "--file_path", str(corpus_file), "--tokenizer_type", kind, "--tokenizer_name", str(teacher_dir),
+            "--dump_file", str(root / "binarized_text"), "--seed", "0",
+        ])
+        data_file = root / f"binarized_text.{teacher_dir.name}.pickle"
+        counts_file = root / f"token_counts.{kind}.pickle"
+        token_counts.main([
+            "--data_file", str(data_file), "--token_counts_dump", str(counts_file), "--vocab_size", str(vocab_size),
+        ])
+        config_file = root / f"student-{kind}.json"
+        assets.student_config(STUDENT_OF[kind], vocab_size).to_json_file(config_file)
+        inputs[kind] = dict(
+            data_file=str(data_file), token_counts=str(counts_file), student_config=str(config_file),
+            teacher_name=str(teacher_dir), vocab_size=vocab_size,
+        )
+    return inputs

@@ -41,6 +41,7 @@ def gpt2_distiller(tmp_path, data, student=None, teacher=None, **overrides) -> D
     settings = dict(special_tok_ids=GPT2_SPECIALS, learning_rate=1e-3, warmup_prop=0.0, log_interval=10**6)
     settings.update(overrides)
     params = assets.distiller_params(tmp_path / "dump", **settings)
+    (tmp_path / "dump").mkdir(parents=True, exist_ok=True)  # as train.py makes it; a Distiller writes nothing
     student = student if student is not None else tiny_model("gpt2", "student")
     teacher = teacher if teacher is not None else tiny_model("gpt2", "teacher", seed=1)
     return Distiller(params, LmSeqsDataset(params, data), None, student, teacher)
@@ -395,6 +396,59 @@ def test_nan_in_an_earlier_micro_batch_is_caught_at_the_boundary(tmp_path):
     assert error.value.step == 2
     for name, value in distiller.raw_student.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def _infinite_gradient(model) -> None:
+    """Make the first parameter's gradient infinite in every backward pass; the loss stays finite."""
+    next(model.parameters()).register_hook(lambda grad: torch.full_like(grad, float("inf")))
+
+
+def test_a_non_finite_gradient_norm_raises_before_the_optimizer_step(tmp_path):
+    data = assets.make_sequences(4, 16, VOCAB, 0, 0)
+    distiller = gpt2_distiller(tmp_path, data, gradient_accumulation_steps=1)
+    before = copy.deepcopy(distiller.raw_student.state_dict())
+    _infinite_gradient(distiller.raw_student)
+    input_ids, mask, labels = distiller.prepare_batch_clm(gpt2_batch(2, 16))
+    with pytest.raises(NonFiniteLossError) as error:
+        distiller.step(input_ids=input_ids, attention_mask=mask, lm_labels=labels)
+    assert error.value.term == "gradient norm" and torch.isfinite(distiller.last_loss)
+    assert distiller.n_optimizer_steps == 0
+    for name, value in distiller.raw_student.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_with_fp16_a_non_finite_gradient_norm_is_the_scalers_skipped_step(tmp_path):
+    data = assets.make_sequences(4, 16, VOCAB, 0, 0)
+    distiller = gpt2_distiller(tmp_path, data, gradient_accumulation_steps=1, fp16=True)
+    before = copy.deepcopy(distiller.raw_student.state_dict())
+    scale = distiller.scaler.get_scale()
+    _infinite_gradient(distiller.raw_student)
+    input_ids, mask, labels = distiller.prepare_batch_clm(gpt2_batch(8, 16))
+    distiller.step(input_ids=input_ids, attention_mask=mask, lm_labels=labels)
+    assert distiller.scaler.get_scale() < scale  # skipped, scale lowered
+    for name, value in distiller.raw_student.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_non_finite_weights_after_a_step_stop_every_save(tmp_path):
+    data = assets.make_sequences(4, 16, VOCAB, 0, 0)
+    distiller = gpt2_distiller(tmp_path, data, gradient_accumulation_steps=1)
+    original_step = distiller.optimizer.step
+
+    def overflowing_step(*args, **kwargs):
+        original_step(*args, **kwargs)
+        with torch.no_grad():
+            next(distiller.raw_student.parameters())[0].fill_(float("inf"))
+
+    distiller.optimizer.step = overflowing_step
+    input_ids, mask, labels = distiller.prepare_batch_clm(gpt2_batch(2, 16))
+    distiller.step(input_ids=input_ids, attention_mask=mask, lm_labels=labels)
+    for save in (distiller.save_checkpoint, distiller.save_training_state, distiller.save_pretrained):
+        with pytest.raises(NonFiniteLossError, match="weights is not finite at iteration 1; after the optimizer step"):
+            save()
+    assert list((tmp_path / "dump").iterdir()) == []
+    with pytest.raises(NonFiniteLossError, match="weights"):  # and at the next optimizer step
+        distiller.step(input_ids=input_ids, attention_mask=mask, lm_labels=labels)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

@@ -148,6 +148,9 @@ def test_train_py_in_two_processes_matches_one_process(launcher, cli_inputs, sin
                                  text=True, timeout=300)
     assert distributed.returncode == 0, distributed.stderr[-3000:]
     assert "world size 2" in distributed.stderr and "Initializing the gloo process group" in distributed.stderr
+    info_pids = {line.split("PID: ")[1].split()[0] for line in distributed.stderr.splitlines()
+                 if " - INFO - distillation - PID: " in line}
+    assert len(info_pids) == 1, f"only the master logs at INFO, not {info_pids}"
 
     assert _names(tmp_path / "ddp") == _names(single_process_run)
     assert len(_names(tmp_path / "ddp" / "log" / "train")) == 1, "a second rank wrote a tensorboard log"

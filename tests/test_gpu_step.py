@@ -20,6 +20,7 @@ def gpt2_distiller(tmp_path, n_sequences: int, **overrides) -> Distiller:
     settings = dict(special_tok_ids=GPT2_SPECIALS, warmup_prop=0.0, batch_size=1, n_epoch=1)
     settings.update(overrides)
     params = assets.distiller_params(tmp_path / "dump", **settings)
+    (tmp_path / "dump").mkdir(parents=True, exist_ok=True)  # as train.py makes it; a Distiller writes nothing
     data = assets.make_sequences(n_sequences, 12, VOCAB, start_id=0, end_id=0)
     student = assets.tiny_model("gpt2", "student", VOCAB, 0)
     teacher = assets.tiny_model("gpt2", "teacher", VOCAB, 1)

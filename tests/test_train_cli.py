@@ -7,8 +7,6 @@ import json
 import math
 import os
 import pickle
-import subprocess
-import sys
 from contextlib import contextmanager
 
 import pytest
@@ -18,25 +16,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 import assets
-import binarized_data
-import token_counts
+import run_folder
 import train
-from cli_checks import error_line, run_main
+from cli_checks import FAMILY_FLAGS, STUDENT_OF, base_argv, error_line, run_cli, run_main, with_flags
 from utils import UserError
 
 # train.main installs torchelastic's error handler, which cannot reach a file descriptor under pytest's capture.
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
-STUDENT_OF = {"bert": "distilbert", "roberta": "roberta", "gpt2": "gpt2"}
-
-# One realistic flag set per family; together they cover every loss term and every freezing flag.
-FAMILY_FLAGS = {
-    "bert": ["--mlm", "--alpha_ce", "5.0", "--alpha_mlm", "2.0", "--alpha_cos", "1.0", "--alpha_clm", "0.0",
-             "--freeze_pos_embs"],
-    "roberta": ["--mlm", "--alpha_ce", "1.0", "--alpha_mlm", "1.0", "--alpha_mse", "0.01", "--alpha_clm", "0.0",
-                "--restrict_ce_to_mask", "--freeze_pos_embs", "--freeze_token_type_embds"],
-    "gpt2": ["--alpha_ce", "1.0", "--alpha_clm", "1.0", "--alpha_cos", "1.0", "--group_by_size", "--freeze_pos_embs"],
-}
 ACTIVE_TERMS = {"bert": {"ce", "mlm", "cos"}, "roberta": {"ce", "mlm", "mse"}, "gpt2": {"ce", "clm", "cos"}}
 FROZEN = {
     "bert": {"distilbert.embeddings.position_embeddings.weight"},
@@ -52,55 +39,6 @@ RUN_FLAGS = [
 
 
 # ---------------------------------------------------------------- shared inputs
-
-
-@pytest.fixture(scope="session")
-def family_inputs(tmp_path_factory, corpus_file, teacher_dirs) -> dict[str, dict[str, str]]:
-    """Per family: binarized data and counts from the real scripts, and a tiny student config (1 layer)."""
-    root = tmp_path_factory.mktemp("train_inputs")
-    inputs = {}
-    for kind, teacher_dir in teacher_dirs.items():
-        vocab_size = AutoTokenizer.from_pretrained(teacher_dir).__len__()
-        binarized_data.main([
-            "--file_path", str(corpus_file), "--tokenizer_type", kind, "--tokenizer_name", str(teacher_dir),
-            "--dump_file", str(root / "binarized_text"), "--seed", "0",
-        ])
-        data_file = root / f"binarized_text.{teacher_dir.name}.pickle"
-        counts_file = root / f"token_counts.{kind}.pickle"
-        token_counts.main([
-            "--data_file", str(data_file), "--token_counts_dump", str(counts_file), "--vocab_size", str(vocab_size),
-        ])
-        config_file = root / f"student-{kind}.json"
-        assets.student_config(STUDENT_OF[kind], vocab_size).to_json_file(config_file)
-        inputs[kind] = dict(
-            data_file=str(data_file), token_counts=str(counts_file), student_config=str(config_file),
-            teacher_name=str(teacher_dir), vocab_size=vocab_size,
-        )
-    return inputs
-
-
-def base_argv(inputs: dict, kind: str, dump_path) -> list[str]:
-    """A valid command line for `kind` (its FAMILY_FLAGS), without run-length flags."""
-    argv = [
-        "--dump_path", str(dump_path), "--data_file", inputs[kind]["data_file"],
-        "--student_type", STUDENT_OF[kind], "--student_config", inputs[kind]["student_config"],
-        "--teacher_type", kind, "--teacher_name", inputs[kind]["teacher_name"], *FAMILY_FLAGS[kind],
-    ]
-    if "--mlm" in FAMILY_FLAGS[kind]:
-        argv += ["--token_counts", inputs[kind]["token_counts"]]
-    return argv
-
-
-def run_cli(argv: list[str], cwd) -> subprocess.CompletedProcess:
-    """`python train.py ...` in a fresh process, from `cwd` (not the repo), without launcher variables.
-
-    One intra-op thread: tiny models gain nothing from more, and it keeps parallel test runs from thrashing.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    script = os.path.join(os.path.dirname(train.__file__), "train.py")
-    return subprocess.run([sys.executable, script, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
 
 
 def assert_one_line_error(stderr: str, fragment: str) -> None:
@@ -166,6 +104,9 @@ def test_run_tensorboard_tags_and_decreasing_loss(finished_run):
     loss_tags = {tag for tag in scalars if tag.startswith("losses/")}
     assert loss_tags == {"losses/cum_avg_loss_epoch", "losses/loss"} | {f"losses/loss_{t}" for t in ACTIVE_TERMS[kind]}
     assert {"learning_rate/lr", "global/memory_usage", "global/speed", "epoch/loss"} <= scalars
+    grad_norms = [event.value for event in events.Scalars("global/grad_norm")]  # [+] beside the original's tags
+    assert grad_norms and all(math.isfinite(norm) and norm > 0 for norm in grad_norms)
+    assert all(event.value > 0 for event in events.Scalars("global/tokens_per_second"))
     assert {"config/training/text_summary", "config/student/text_summary"} <= set(events.Tags()["tensors"])
 
     epoch_losses = [event.value for event in events.Scalars("epoch/loss")]
@@ -218,17 +159,6 @@ SANITY_CASES = [
 ]
 
 
-def _with_flags(argv: list[str], flags: dict[str, str | None]) -> list[str]:
-    """`argv` with each flag's value replaced (or the flag appended; None = a switch)."""
-    argv = list(argv)
-    for flag, value in flags.items():
-        if flag in argv and value is not None:
-            argv[argv.index(flag) + 1] = value
-        else:
-            argv += [flag] if value is None else [flag, value]
-    return argv
-
-
 def test_sanity_check_messages_are_distinct():
     fragments = [fragment for _, _, fragment in SANITY_CASES]
     assert len(set(fragments)) == len(fragments)
@@ -241,7 +171,7 @@ def test_valid_commands_pass_the_checks(kind, family_inputs, tmp_path):
 
 @pytest.mark.parametrize(("kind", "flags", "fragment"), SANITY_CASES, ids=[c[2][:40] for c in SANITY_CASES])
 def test_each_sanity_check_fails_through_main_with_one_line(kind, flags, fragment, family_inputs, tmp_path, capsys):
-    argv = _with_flags(base_argv(family_inputs, kind, tmp_path / "dump"), flags)
+    argv = with_flags(base_argv(family_inputs, kind, tmp_path / "dump"), flags)
     with pytest.raises(UserError) as error:
         train.sanity_checks(train.build_parser().parse_args(argv))
     assert fragment in str(error.value)
@@ -252,7 +182,7 @@ def test_each_sanity_check_fails_through_main_with_one_line(kind, flags, fragmen
 
 
 def test_sanity_check_through_a_real_process(family_inputs, tmp_path):
-    argv = _with_flags(base_argv(family_inputs, "bert", tmp_path / "dump"), {"--alpha_mlm": "0.0"})
+    argv = with_flags(base_argv(family_inputs, "bert", tmp_path / "dump"), {"--alpha_mlm": "0.0"})
     result = run_cli(argv, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --mlm needs --alpha_mlm > 0 (got 0.0)"
@@ -279,7 +209,7 @@ def _mismatched_config(tmp_path, kind: str, **changes) -> str:
     ],
 )
 def test_student_teacher_mismatch_is_a_clear_error(kind, changes, fragment, family_inputs, tmp_path, capsys):
-    argv = _with_flags(base_argv(family_inputs, kind, tmp_path / "dump"),
+    argv = with_flags(base_argv(family_inputs, kind, tmp_path / "dump"),
                        {"--student_config": _mismatched_config(tmp_path, kind, **changes), "--n_gpu": "0"})
     status, stderr = run_main(argv, capsys)
     assert status == 1
@@ -289,7 +219,7 @@ def test_student_teacher_mismatch_is_a_clear_error(kind, changes, fragment, fami
 def test_counts_of_another_vocabulary_are_refused(family_inputs, tmp_path, capsys):
     counts = tmp_path / "counts.pickle"
     counts.write_bytes(pickle.dumps([1] * 50))
-    argv = _with_flags(base_argv(family_inputs, "bert", tmp_path / "dump"),
+    argv = with_flags(base_argv(family_inputs, "bert", tmp_path / "dump"),
                        {"--token_counts": str(counts), "--n_gpu": "0"})
     status, stderr = run_main(argv, capsys)
     assert status == 1
@@ -297,7 +227,7 @@ def test_counts_of_another_vocabulary_are_refused(family_inputs, tmp_path, capsy
 
 
 def test_max_model_input_size_beyond_the_teacher_is_refused(family_inputs, tmp_path, capsys):
-    argv = _with_flags(base_argv(family_inputs, "gpt2", tmp_path / "dump"),
+    argv = with_flags(base_argv(family_inputs, "gpt2", tmp_path / "dump"),
                        {"--max_model_input_size": "65", "--n_gpu": "0"})
     status, stderr = run_main(argv, capsys)
     assert status == 1
@@ -307,7 +237,7 @@ def test_max_model_input_size_beyond_the_teacher_is_refused(family_inputs, tmp_p
 def test_fp16_opt_level_is_warned_once_and_a_bad_teacher_is_one_line(family_inputs, tmp_path, capsys, caplog):
     not_a_teacher = tmp_path / "not_a_teacher"
     not_a_teacher.mkdir()
-    argv = _with_flags(base_argv(family_inputs, "gpt2", tmp_path / "dump"),
+    argv = with_flags(base_argv(family_inputs, "gpt2", tmp_path / "dump"),
                        {"--teacher_name": str(not_a_teacher), "--fp16": None, "--n_gpu": "0"})
     status, stderr = run_main(argv, capsys)
     assert status == 1
@@ -320,9 +250,10 @@ def test_fp16_opt_level_is_warned_once_and_a_bad_teacher_is_one_line(family_inpu
 
 
 def _existing_dump(tmp_path):
+    """A previous run's folder (what --force may replace), its final weights the file to keep safe."""
     dump = tmp_path / "dump"
     dump.mkdir()
-    (dump / "precious.txt").write_text("keep me")
+    (dump / "pytorch_model.bin").write_text("a previous run's weights")
     return dump
 
 
@@ -331,24 +262,24 @@ def test_existing_dump_path_without_force_is_left_untouched(family_inputs, tmp_p
     result = run_cli(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0"], cwd=tmp_path)
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "already exists; pass --force to replace it")
-    assert [p.name for p in dump.iterdir()] == ["precious.txt"]
+    assert [p.name for p in dump.iterdir()] == ["pytorch_model.bin"]
 
 
 def test_force_replaces_only_after_everything_loaded(family_inputs, tmp_path, capsys):
     dump = _existing_dump(tmp_path)
-    argv = _with_flags(base_argv(family_inputs, "bert", dump),
+    argv = with_flags(base_argv(family_inputs, "bert", dump),
                        {"--student_config": _mismatched_config(tmp_path, "bert", vocab_size=999), "--force": None,
                         "--n_gpu": "0"})
     status, stderr = run_main(argv, capsys)
     assert status == 1 and "differ in vocabulary size" in stderr
-    assert [p.name for p in dump.iterdir()] == ["precious.txt"]
+    assert [p.name for p in dump.iterdir()] == ["pytorch_model.bin"]
 
 
 def test_force_refuses_to_delete_the_inputs(family_inputs, tmp_path, capsys):
     dump = _existing_dump(tmp_path)
     data_copy = dump / "data.pickle"
     data_copy.write_bytes(open(family_inputs["gpt2"]["data_file"], "rb").read())
-    argv = _with_flags(base_argv(family_inputs, "gpt2", dump), {"--data_file": str(data_copy), "--force": None,
+    argv = with_flags(base_argv(family_inputs, "gpt2", dump), {"--data_file": str(data_copy), "--force": None,
                                                                  "--n_gpu": "0"})
     status, stderr = run_main(argv, capsys)
     assert status == 1
@@ -385,7 +316,7 @@ def test_a_dump_path_another_process_holds_is_refused_untouched_on_resume(family
         result = run_cli(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0", "--resume"], cwd=tmp_path)
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "is in use by another run that is still going")
-    assert [p.name for p in dump.iterdir()] == ["precious.txt"]
+    assert [p.name for p in dump.iterdir()] == ["pytorch_model.bin"]
 
 
 def test_force_does_not_replace_a_dump_path_in_use(family_inputs, tmp_path, capsys):
@@ -394,7 +325,7 @@ def test_force_does_not_replace_a_dump_path_in_use(family_inputs, tmp_path, caps
         status, stderr = run_main(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0", "--force"], capsys)
     assert status == 1
     assert_one_line_error(stderr, "is in use by another run that is still going")
-    assert [p.name for p in dump.iterdir()] == ["precious.txt"]
+    assert [p.name for p in dump.iterdir()] == ["pytorch_model.bin"]
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["replaced with --force", "new"])
@@ -405,16 +336,16 @@ def test_the_master_holds_its_dump_path_while_it_trains(existing, family_inputs,
     train.main(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0", "--force"])
     assert held_during_training == [True]
     assert not is_locked(dump)  # released at the end
-    assert (dump / "parameters.json").is_file() and not (dump / "precious.txt").exists()
+    assert (dump / "parameters.json").is_file() and not (dump / "pytorch_model.bin").exists()
 
 
 def test_a_filesystem_without_locks_is_warned_about_not_refused(tmp_path, monkeypatch, caplog):
     def no_locks(descriptor, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(train.fcntl, "flock", no_locks)
-    with train.dump_path_lock(str(tmp_path)):
-        pass
+    monkeypatch.setattr(run_folder.fcntl, "flock", no_locks)
+    with run_folder.RunFolderLock(tmp_path) as lock:
+        lock.acquire()
     assert "nothing stops a second run writing there" in caplog.text
 
 
@@ -424,12 +355,12 @@ def test_a_filesystem_without_locks_is_warned_about_not_refused(tmp_path, monkey
 def test_nan_loss_exits_non_zero_with_step_and_term(family_inputs, teacher_dirs, tmp_path):
     poisoned = tmp_path / "poisoned-teacher"
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dirs["gpt2"])
-    with torch.no_grad():
-        teacher.transformer.wte.weight.fill_(float("nan"))
+    with torch.no_grad():  # finite weights (those are checked at load) whose outputs overflow to inf and NaN
+        teacher.transformer.ln_f.weight.fill_(3e38)
     teacher.save_pretrained(poisoned)
     AutoTokenizer.from_pretrained(teacher_dirs["gpt2"]).save_pretrained(poisoned)
     dump = tmp_path / "dump"
-    argv = _with_flags(base_argv(family_inputs, "gpt2", dump),
+    argv = with_flags(base_argv(family_inputs, "gpt2", dump),
                        {"--teacher_name": str(poisoned), "--n_gpu": "0", "--gradient_accumulation_steps": "1",
                         "--checkpoint_interval": "1"})
     result = run_cli(argv, cwd=tmp_path)
@@ -515,7 +446,7 @@ def test_student_initialised_from_every_weight_format(form, reference_student, t
         weights = tmp_path / "pretrained"
         reference_student.save_pretrained(weights)
     student = train.build_student(_student_args(tmp_path, weights))
-    assert student.config.output_hidden_states
+    assert not student.config.output_hidden_states  # asked for per call; a saved config must not force it
     for name, value in student.state_dict().items():
         assert torch.equal(value, state[name]), name
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import utils
-from utils import NonFiniteLossError, UserError, atomic_write, git_log, init_gpu_params, set_seed
+from utils import NonFiniteLossError, UserError, WriteError, atomic_write, git_log, init_gpu_params, set_seed
 
 LAUNCHER_VARIABLES = (
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "N_GPU_NODE", "N_NODES", "NODE_RANK",
@@ -200,7 +200,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         path.write_text("half")
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(WriteError, match="could not write .*out.json.*disk full"):
         atomic_write(target, failing_write)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
