@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedTokenizerBase
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
 # Any text the tokenizer splits into ordinary tokens: only its wrapping matters.
 _PROBE_TEXT = "distil the teacher"
@@ -59,8 +59,11 @@ def added_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int |
 
 
 def is_masked_lm(config: PretrainedConfig) -> bool:
-    """Whether the family has a masked-LM class (bert, roberta, modernbert, distilbert, ...), not only a causal one."""
-    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    """Whether the family has a masked-LM class (bert, roberta, modernbert, distilbert, ...), not only a causal one.
+
+    Read from transformers' auto mapping, so a family registered with `AutoModelForMaskedLM.register` counts.
+    """
+    return type(config) in MODEL_FOR_MASKED_LM_MAPPING
 
 
 def auto_lm_class(config: PretrainedConfig) -> type:
@@ -71,7 +74,7 @@ def auto_lm_class(config: PretrainedConfig) -> type:
     """
     if is_masked_lm(config):
         return AutoModelForMaskedLM
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         return AutoModelForCausalLM
     raise ValueError(
         f"a {config.model_type!r} model is not a language model (transformers has no masked or causal LM class for it)"

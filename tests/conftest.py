@@ -46,3 +46,25 @@ def teacher_dirs(tmp_path_factory, tokenizer_dirs) -> dict[str, Path]:
         kind: assets.build_teacher(kind, root / f"tiny-{kind}-teacher", tokenizer_dirs[kind])
         for kind in TOKENIZER_KINDS
     }
+
+
+@pytest.fixture(scope="session")
+def auto_tokenizer_dirs(tmp_path_factory, corpus_lines) -> dict[str, Path]:
+    """One tiny saved tokenizer per family of today (assets.AUTO_KINDS), with the family's special tokens:
+    'modernbert' adds [CLS] ... [SEP] (and has [PAD], [MASK], [UNK]); 'llama' adds only <|begin_of_text|>
+    (eos <|end_of_text|>, no pad or unk); 'qwen3' adds nothing (eos = pad = <|endoftext|>); 'gpt_neox' adds
+    nothing (bos = eos = unk = <|endoftext|>)."""
+    root = tmp_path_factory.mktemp("auto-tokenizers")
+    return {kind: assets.build_auto_tokenizer(kind, root / f"tiny-{kind}", corpus_lines) for kind in assets.AUTO_KINDS}
+
+
+@pytest.fixture(scope="session")
+def auto_teacher_dirs(tmp_path_factory, auto_tokenizer_dirs) -> dict[str, Path]:
+    """One tiny saved teacher (model + tokenizer, 4 layers, hidden 32) per family of today, for the `auto` types:
+    {'modernbert': dir, 'llama': dir, 'qwen3': dir, 'gpt_neox': dir}; what each covers is in
+    assets.auto_teacher_config."""
+    root = tmp_path_factory.mktemp("auto-teachers")
+    return {
+        kind: assets.build_auto_teacher(kind, root / f"tiny-{kind}-teacher", auto_tokenizer_dirs[kind])
+        for kind in assets.AUTO_KINDS
+    }
