@@ -325,8 +325,8 @@ def extract(args: argparse.Namespace, tables: Mapping[str, KeyTable]) -> None:
 _WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
 
 
-def drop_unchosen_layers(model: PreTrainedModel, layers: Sequence[int]) -> None:
-    """Keep only teacher layers `layers` in the model's stack, renumbered 0..k-1, and give it the student config.
+def drop_unchosen_layers(model: PreTrainedModel, layers: Sequence[int], student_config: PretrainedConfig) -> None:
+    """Keep only teacher layers `layers` in the model's stack, renumbered 0..k-1, and give it `student_config`.
 
     Everything outside the stack (embeddings, final norm, LM head, tied or not) stays as it is. The result is
     meant for `save_pretrained`: its layers keep their teacher attributes (such as `layer_idx`).
@@ -335,7 +335,7 @@ def drop_unchosen_layers(model: PreTrainedModel, layers: Sequence[int]) -> None:
     parent_name, _, attribute = stack_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     setattr(parent, attribute, nn.ModuleList(stack[idx] for idx in layers))
-    teacher_config, student_config = model.config, shallower_config(model.config, layers)
+    teacher_config = model.config
     for module in model.modules():
         if getattr(module, "config", None) is teacher_config:
             module.config = student_config
@@ -415,7 +415,7 @@ def extract_auto(args: argparse.Namespace) -> None:
         logger.warning("--vocab_transform has no effect with --model_type auto: the whole LM head is copied")
     teacher = load_teacher(args.model_name, lm_class, config, None, dtype="auto")
     try:
-        drop_unchosen_layers(teacher, args.layers)
+        drop_unchosen_layers(teacher, args.layers, student_config)
     except ValueError as err:
         raise ScriptError(f"--model_name {args.model_name!r}: {_first_line(err)}") from err
     with staged_folder(target) as staging:

@@ -176,3 +176,13 @@ def test_find_layer_stack_on_a_meta_model_needs_no_memory():
     with torch.device("meta"):
         model = assets.MODEL_CLASSES["gpt2"](GPT2Config(n_layer=5, n_embd=64, n_head=2))
     assert model_families.find_layer_stack(model)[0] == "transformer.h"
+
+
+def test_shallower_config_renumbers_per_layer_overrides():
+    """Heterogeneous configs: the overrides of a chosen layer follow it to its student index, the others go."""
+    teacher = LlamaConfig(
+        num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        per_layer_config={1: {"intermediate_size": 48}, 2: {"intermediate_size": 56}, 3: {"intermediate_size": 80}},
+    )
+    student = model_families.shallower_config(teacher, [0, 1, 3])
+    assert [layer.intermediate_size for layer in student.per_layer_config] == [64, 48, 80]
