@@ -118,7 +118,8 @@ def build_parser(
         "--model_name",
         default=None,
         help="teacher: a hub name or a local save_pretrained directory "
-        f"(default per type: {', '.join(f'{k}: {v}' for k, v in default_names.items())})",
+        f"(default per type: {', '.join(f'{k}: {v}' for k, v in default_names.items())}"
+        + ("; required with auto)" if with_auto else ")"),
     )
     parser.add_argument(
         "--dump_checkpoint",

@@ -16,7 +16,15 @@ from transformers import (
     DistilBertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
     PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaForMaskedLM,
 )
@@ -260,8 +268,6 @@ def auto_teacher_config(kind: str, tokenizer, n_layers: int = 4, hidden: int = 3
     alternating full and sliding attention; GPT-NeoX partial rotary (a quarter of each head), parallel
     residual, untied head.
     """
-    from transformers import GPTNeoXConfig, LlamaConfig, ModernBertConfig, Qwen3Config
-
     ids = dict(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -288,14 +294,13 @@ def auto_teacher_config(kind: str, tokenizer, n_layers: int = 4, hidden: int = 3
     raise ValueError(f"unknown auto teacher kind {kind!r}")
 
 
-def auto_lm_class(kind: str):
-    """The LM class of family `kind`, written out here independently of scripts/model_families.py."""
-    from transformers import GPTNeoXForCausalLM, LlamaForCausalLM, ModernBertForMaskedLM, Qwen3ForCausalLM
-
-    return {
-        "modernbert": ModernBertForMaskedLM, "llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM,
-        "gpt_neox": GPTNeoXForCausalLM,
-    }[kind]
+# The LM class of each family, written out here independently of scripts/model_families.py.
+AUTO_MODEL_CLASSES = {
+    "modernbert": ModernBertForMaskedLM,
+    "llama": LlamaForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "gpt_neox": GPTNeoXForCausalLM,
+}
 
 
 def build_auto_teacher(kind: str, out_dir: Path, tokenizer_dir: Path, n_layers: int = 4, seed: int = 0) -> Path:
@@ -304,7 +309,7 @@ def build_auto_teacher(kind: str, out_dir: Path, tokenizer_dir: Path, n_layers: 
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    model = auto_lm_class(kind)(auto_teacher_config(kind, tokenizer, n_layers=n_layers))
+    model = AUTO_MODEL_CLASSES[kind](auto_teacher_config(kind, tokenizer, n_layers=n_layers))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -545,7 +545,7 @@ def run_auto(teacher_dir: Path, out: Path, *flags: str) -> Path:
 
 def load_student_folder(kind: str, folder: Path) -> torch.nn.Module:
     """The student as a user loads it, asserting that every tensor comes from the folder and none is left over."""
-    student, info = assets.auto_lm_class(kind).from_pretrained(folder, output_loading_info=True)
+    student, info = assets.AUTO_MODEL_CLASSES[kind].from_pretrained(folder, output_loading_info=True)
     assert not any(info[keys] for keys in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return student.eval()
 
@@ -557,7 +557,7 @@ def auto_ids(vocab_size: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", assets.AUTO_KINDS)
 def test_auto_all_layers_reproduce_teacher_logits(kind, auto_teacher_dirs, tmp_path):
-    teacher = assets.auto_lm_class(kind).from_pretrained(auto_teacher_dirs[kind]).eval()
+    teacher = assets.AUTO_MODEL_CLASSES[kind].from_pretrained(auto_teacher_dirs[kind]).eval()
     layers = [str(idx) for idx in range(teacher.config.num_hidden_layers)]
     student = load_student_folder(kind, run_auto(auto_teacher_dirs[kind], tmp_path / "student", "--layers", *layers))
     ids = auto_ids(teacher.config.vocab_size)
@@ -598,7 +598,7 @@ def test_auto_students_layers_keep_their_attention_types(deep_auto_teacher_dirs,
     student layer attends within the teacher layer's window."""
     folder = run_auto(deep_auto_teacher_dirs["modernbert"], tmp_path / "modernbert")
     student = load_student_folder("modernbert", folder)
-    reference = assets.auto_lm_class("modernbert").from_pretrained(deep_auto_teacher_dirs["modernbert"]).eval()
+    reference = assets.AUTO_MODEL_CLASSES["modernbert"].from_pretrained(deep_auto_teacher_dirs["modernbert"]).eval()
     reference.model.layers = nn.ModuleList(reference.model.layers[idx] for idx in DEFAULT_LAYERS)
     ids = auto_ids(student.config.vocab_size)
     with torch.no_grad():

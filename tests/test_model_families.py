@@ -101,7 +101,7 @@ STACKS = {
 @pytest.mark.parametrize("kind", sorted(STACKS))
 def test_find_layer_stack_of_each_family(kind, teacher_dirs, auto_teacher_dirs):
     if kind in assets.AUTO_KINDS:
-        model = assets.auto_lm_class(kind).from_pretrained(auto_teacher_dirs[kind])
+        model = assets.AUTO_MODEL_CLASSES[kind].from_pretrained(auto_teacher_dirs[kind])
     else:
         model = assets.MODEL_CLASSES[kind].from_pretrained(teacher_dirs[kind])
     name, stack = model_families.find_layer_stack(model)
