@@ -19,6 +19,11 @@ A local tokenizer directory works too; only its last path component goes into th
 A corpus larger than memory (writes data/binarized_text.bert-base-uncased.ids.npy, .offsets.npy, .order.npy):
     python scripts/binarized_data.py --file_path data/dump.txt --tokenizer_type bert \\
         --tokenizer_name bert-base-uncased --dump_file data/binarized_text --format mmap --workers 8
+Any other family: each line gets exactly the special tokens its tokenizer adds itself (ModernBERT:
+[CLS] ... [SEP]; Llama 3: <|begin_of_text|> ... only; Qwen, GPT-NeoX: nothing, so sequences carry no
+boundary marker, and a warning says so):
+    python scripts/binarized_data.py --file_path data/dump.txt --tokenizer_type auto \\
+        --tokenizer_name meta-llama/Llama-3.2-1B --dump_file data/binarized_text
 """
 
 import argparse
@@ -48,7 +53,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("binarized_data")
 
 # Which special tokens wrap a line, per tokenizer family: [CLS] ... [SEP], <s> ... </s>,
-# <|endoftext|> ... <|endoftext|>.
+# <|endoftext|> ... <|endoftext|>. The `auto` type has no entry: its tokenizer adds its own.
+AUTO = "auto"
 MARKER_ROLES = {
     "bert": ("cls_token", "sep_token"),
     "roberta": ("bos_token", "eos_token"),
@@ -70,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--file_path", default="data/dump.txt", help="UTF-8 text, one sequence per line.")
     parser.add_argument(
-        "--tokenizer_type", default="bert", choices=sorted(MARKER_ROLES),
+        "--tokenizer_type", default="bert", choices=[*sorted(MARKER_ROLES), AUTO],
         help="Tokenizer family, which picks the markers: [CLS] ... [SEP] (bert), <s> ... </s> (roberta), "
-        "<|endoftext|> ... <|endoftext|> (gpt2).",
+        "<|endoftext|> ... <|endoftext|> (gpt2). [+] auto: the special tokens the tokenizer adds itself, "
+        "e.g. a BOS only for Llama, none for Qwen.",
     )
     parser.add_argument(
         "--tokenizer_name", default="bert-base-uncased", help="Hub name or local tokenizer directory."
@@ -145,28 +152,33 @@ class LineEncoder:
 
     Args:
         backend: the Rust `tokenizers.Tokenizer` behind the fast transformers tokenizer.
-        start: literal start marker, e.g. "[CLS]".
-        end: literal end marker, e.g. "[SEP]".
+        markers: the literal start and end markers to wrap each line in, e.g. ("[CLS]", "[SEP]"); None
+            lets the tokenizer add its own special tokens instead (`--tokenizer_type auto`).
         dtype: dtype of the ids, see `ids_dtype`.
     """
 
-    def __init__(self, backend: Tokenizer, start: str, end: str, dtype: np.dtype):
+    def __init__(self, backend: Tokenizer, markers: tuple[str, str] | None, dtype: np.dtype):
         self.backend = backend
-        self.start = start
-        self.end = end
+        self.markers = markers
         self.dtype = dtype
 
     def __call__(self, lines: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Encode `f"{start} {line} {end}"` for every line without letting the tokenizer add markers.
+        """Encode `f"{start} {line} {end}"` for every line without letting the tokenizer add markers, or,
+        without markers, every bare line with the special tokens the tokenizer adds.
 
         Returns:
             ids: (n_tokens,) ids of all lines, one after the other.
             lengths: (len(lines),) number of ids of each line.
         """
-        texts = [f"{self.start} {line} {self.end}" for line in lines]
+        if self.markers is None:
+            texts, add_special_tokens = lines, True
+        else:
+            start, end = self.markers
+            texts, add_special_tokens = [f"{start} {line} {end}" for line in lines], False
         # encode_batch_fast skips the character offsets we do not need; one call per batch lets
         # the Rust side spread the lines over every core.
-        id_lists = [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+        id_lists = [encoding.ids for encoding in encodings]
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
         ids = np.fromiter(chain.from_iterable(id_lists), dtype=self.dtype, count=int(lengths.sum()))
         return ids, lengths
@@ -254,6 +266,24 @@ def marker_tokens(tokenizer: "PreTrainedTokenizerBase", tokenizer_type: str) -> 
             raise ScriptError(f"the tokenizer does not encode its {role} {str(token)!r} as one special token")
         markers.append(str(token))
     return markers[0], markers[1]
+
+
+def log_own_markers(tokenizer: "PreTrainedTokenizerBase") -> None:
+    """`--tokenizer_type auto`: say which special tokens the tokenizer wraps a line in; warn when it adds none."""
+    from model_families import added_markers  # imports torch: only on this path, never in the workers
+
+    try:
+        added = added_markers(tokenizer)
+    except ValueError as err:
+        raise ScriptError(f"--tokenizer_type auto: {err}") from err
+    if added == (None, None):
+        logger.warning(
+            "The tokenizer adds no special token: each sequence is the bare ids of its line and carries no "
+            "boundary marker (no start or end token)"
+        )
+        return
+    start, end = ("none" if idx is None else repr(tokenizer.convert_ids_to_tokens(idx)) for idx in added)
+    logger.info("Lines get the special tokens the tokenizer adds itself: start %s, end %s", start, end)
 
 
 _worker_encoder: LineEncoder | None = None
@@ -436,10 +466,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.info("Arguments: %s", vars(args))
     check_paths(args)
     tokenizer = load_tokenizer(args.tokenizer_name)
-    start, end = marker_tokens(tokenizer, args.tokenizer_type)
+    if args.tokenizer_type == AUTO:
+        log_own_markers(tokenizer)
+        markers = None
+    else:
+        markers = marker_tokens(tokenizer, args.tokenizer_type)
+        logger.info("Lines become %r ... %r", *markers)
     dtype = ids_dtype(len(tokenizer))
-    logger.info("Lines become %r ... %r; %d tokens in the vocabulary: ids are %s", start, end, len(tokenizer), dtype)
-    encoder = LineEncoder(tokenizer.backend_tokenizer, start, end, dtype)
+    logger.info("%d tokens in the vocabulary: ids are %s", len(tokenizer), dtype)
+    encoder = LineEncoder(tokenizer.backend_tokenizer, markers, dtype)
     seed = secrets.randbits(32) if args.seed is None else args.seed
     logger.info("Shuffling with seed %d%s", seed, "" if args.seed is not None else f"; --seed {seed} repeats it")
 

@@ -1,14 +1,23 @@
-"""Initialise a DistilRoBERTa or DistilGPT2 student from chosen layers of its teacher.
+"""Initialise a DistilRoBERTa or DistilGPT2 student, or one of any architecture, from chosen layers of its teacher.
 
     python scripts/extract.py --model_type roberta --model_name roberta-base \
         --dump_checkpoint serialization_dir/tf_roberta-base_0247911.pth --vocab_transform
     python scripts/extract.py --model_type gpt2 --model_name gpt2 \
-        --dump_checkpoint serialization_dir/tf_gpt2_0247911.pth
+        --dump_checkpoint serialization_dir/tf_gpt2_0247911.pth \
+        --dump_config serialization_dir/distilgpt2_config.json
+    python scripts/extract.py --model_type auto --model_name meta-llama/Llama-3.2-1B --layers 0 5 10 15 \
+        --dump_checkpoint serialization_dir/llama-3.2-1b_051015
 
 Teacher layers 0 2 4 7 9 11 (or `--layers`) become student layers 0-5; the student has the teacher's
 architecture and parameter names, only fewer layers. The default `--model_name` depends on
 `--model_type` (roberta-base, gpt2): the original defaulted to roberta-large for both types, which
-fits neither distilroberta-base.json (768 wide) nor a GPT-2 student.
+fits neither distilroberta-base.json (768 wide) nor a GPT-2 student. `--dump_config` also writes the
+student config, the teacher's with the new depth, for train.py's `--student_config`.
+
+`--model_type auto` takes any masked or causal LM of transformers (ModernBERT, Llama, Qwen, GPT-NeoX,
+...): it finds the teacher's stack of layers, keeps the embeddings, final norm and LM head with the chosen
+layers, and writes a save_pretrained folder (config.json with the new depth + model.safetensors) for
+`train.py --student_type auto --student_config <folder>/config.json --student_pretrained_weights <folder>`.
 """
 
 from collections.abc import Sequence
@@ -73,7 +82,7 @@ DEFAULT_NAMES = {"roberta": "roberta-base", "gpt2": "gpt2"}
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the flags, extract, write the checkpoint."""
-    run_extraction(__doc__.splitlines()[0], TABLES, DEFAULT_NAMES, argv)
+    run_extraction(__doc__.splitlines()[0], TABLES, DEFAULT_NAMES, argv, with_auto=True)
 
 
 if __name__ == "__main__":

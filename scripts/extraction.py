@@ -2,25 +2,36 @@
 
 Each script describes its model families as a `KeyTable` of (student key <- teacher key) templates;
 this module parses the flags, loads the teacher, expands the table over `--layers`, copies the tensors
-and writes the flat state dict that train.py's `--student_pretrained_weights` reads.
+and writes the flat state dict that train.py's `--student_pretrained_weights` reads, and with
+`--dump_config` the student config that fits it.
+
+`--model_type auto` needs no table: the teacher's own architecture, with only the chosen layers of its
+stack, is written as a save_pretrained folder (config + weights), see `extract_auto`.
 """
 
 import argparse
 import logging
+import os
+import shutil
 import sys
-from collections.abc import Collection, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 from cli_utils import ScriptError, atomic_output
+from model_families import auto_lm_class, depth, find_layer_stack, shallower_config
 from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger("extraction")
 
 DEFAULT_LAYERS = (0, 2, 4, 7, 9, 11)
+AUTO = "auto"  # the --model_type of any architecture: no key table, the teacher's own, shallower
 KeyPair = tuple[str, str]  # (student key, teacher key)
 
 
@@ -54,6 +65,7 @@ class KeyTable:
         layer: pairs copied once per chosen teacher layer.
         head: pairs of the LM head, copied once.
         vocab_transform: head pairs copied only with `--vocab_transform`.
+        student_config: the student config for `--dump_config`, from the teacher's config and `--layers`.
     """
 
     model_type: str
@@ -62,6 +74,7 @@ class KeyTable:
     layer: tuple[KeyPair, ...]
     head: tuple[KeyPair, ...]
     vocab_transform: tuple[KeyPair, ...] = ()
+    student_config: Callable[[PretrainedConfig, Sequence[int]], PretrainedConfig] = shallower_config
 
     def key_pairs(self, layers: Sequence[int], vocab_transform: bool) -> list[KeyPair]:
         """Expand the templates: teacher layer `layers[s]` becomes student layer `s`."""
@@ -89,25 +102,44 @@ def build_parser(
 
     Args:
         description: what the script extracts, for `--help`.
-        model_types: the `--model_type` choices; the first one is the default.
-        default_names: `--model_name` used when the flag is absent, per model type.
+        model_types: the `--model_type` choices; the first one is the default. `auto` may be one of them.
+        default_names: `--model_name` used when the flag is absent, per model type (none for `auto`).
     """
+    with_auto = AUTO in model_types
     parser = _ArgumentParser(description=description)
     parser.add_argument(
-        "--model_type", default=model_types[0], choices=model_types, help="teacher family (default: %(default)s)"
+        "--model_type",
+        default=model_types[0],
+        choices=model_types,
+        help="teacher family (default: %(default)s)"
+        + ("; auto: any masked or causal LM, its own architecture with fewer layers" if with_auto else ""),
     )
     parser.add_argument(
         "--model_name",
         default=None,
         help="teacher: a hub name or a local save_pretrained directory "
-        f"(default per type: {', '.join(f'{k}: {v}' for k, v in default_names.items())})",
+        f"(default per type: {', '.join(f'{k}: {v}' for k, v in default_names.items())}"
+        + ("; required with auto)" if with_auto else ")"),
     )
     parser.add_argument(
         "--dump_checkpoint",
         default=None,
         help="output file; a name ending in .safetensors is written as safetensors, anything else with "
         "torch.save (default: serialization_dir/tf_<last part of the model name>_<layers>.pth, e.g. "
-        f"serialization_dir/tf_{default_names[model_types[0]]}_0247911.pth)",
+        f"serialization_dir/tf_{default_names[model_types[0]]}_0247911.pth)"
+        + (
+            "; with --model_type auto, a folder that receives config.json and model.safetensors as save_pretrained "
+            "writes them (default: serialization_dir/<last part of the model name>_<layers>)"
+            if with_auto
+            else ""
+        ),
+    )
+    parser.add_argument(
+        "--dump_config",
+        default=None,
+        metavar="PATH",
+        help="also write the student config that fits the checkpoint (the teacher's, with the chosen depth; "
+        "DistilBERT's from a BERT teacher) to this JSON file, for train.py's --student_config",
     )
     parser.add_argument(
         "--vocab_transform",
@@ -129,10 +161,15 @@ def build_parser(
 def resolve_defaults(args: argparse.Namespace, default_names: Mapping[str, str]) -> None:
     """Fill `--model_name` and `--dump_checkpoint` when absent; the defaults depend on other flags."""
     if args.model_name is None:
+        if args.model_type == AUTO:
+            raise ScriptError("--model_type auto needs --model_name (a hub name or a local model folder)")
         args.model_name = default_names[args.model_type]
     if args.dump_checkpoint is None:
         layer_tag = "".join(str(idx) for idx in args.layers)
-        args.dump_checkpoint = f"serialization_dir/tf_{Path(args.model_name).name}_{layer_tag}.pth"
+        if args.model_type == AUTO:
+            args.dump_checkpoint = f"serialization_dir/{Path(args.model_name).name}_{layer_tag}"
+        else:
+            args.dump_checkpoint = f"serialization_dir/tf_{Path(args.model_name).name}_{layer_tag}.pth"
 
 
 def check_layers(layers: Sequence[int], n_teacher_layers: int) -> None:
@@ -158,8 +195,8 @@ def _looks_like_path(name: str) -> bool:
     return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
 
 
-def load_teacher_config(name: str, model_type: str) -> PretrainedConfig:
-    """Load the teacher's config, refusing a missing directory and a teacher of another family."""
+def load_teacher_config(name: str, model_type: str | None) -> PretrainedConfig:
+    """Load the teacher's config, refusing a missing directory and a teacher of another family (None: any)."""
     is_local = Path(name).exists()
     if not is_local and _looks_like_path(name):
         raise ScriptError(f"--model_name {name!r}: no such teacher directory")
@@ -169,7 +206,7 @@ def load_teacher_config(name: str, model_type: str) -> PretrainedConfig:
         where = "" if is_local else "no local directory of that name, and from the hub: "
         reason = f"{where}{_first_line(err)}"
         raise ScriptError(f"--model_name {name!r}: cannot load the teacher's config ({reason})") from err
-    if config.model_type != model_type:
+    if model_type is not None and config.model_type != model_type:
         raise ScriptError(
             f"--model_name {name!r} is a {config.model_type!r} model, not a {model_type!r} teacher "
             f"as --model_type {model_type} says"
@@ -177,17 +214,22 @@ def load_teacher_config(name: str, model_type: str) -> PretrainedConfig:
     return config
 
 
-def load_teacher(name: str, table: KeyTable, config: PretrainedConfig, needed: Collection[str]) -> PreTrainedModel:
-    """Load the teacher's weights; a tensor we copy that the checkpoint lacks would be random, so refuse it."""
+def load_teacher(
+    name: str, teacher_class: type, config: PretrainedConfig, needed: Collection[str] | None, **kwargs
+) -> PreTrainedModel:
+    """Load the teacher's weights; a tensor we copy that the checkpoint lacks would be random, so refuse it.
+
+    `needed` names the tensors we copy (None: all of them); `kwargs` go to `from_pretrained`.
+    """
     try:
-        teacher, info = table.teacher_class.from_pretrained(name, config=config, output_loading_info=True)
+        teacher, info = teacher_class.from_pretrained(name, config=config, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ScriptError(f"--model_name {name!r}: cannot load the teacher's weights ({_first_line(err)})") from err
-    uninitialised = sorted(set(needed) & set(info["missing_keys"]))
+    uninitialised = sorted(set(info["missing_keys"]) if needed is None else set(needed) & set(info["missing_keys"]))
     if uninitialised:
         raise ScriptError(
             f"--model_name {name!r}: the checkpoint lacks {len(uninitialised)} tensor(s) to transfer, "
-            f"e.g. {uninitialised[0]!r} (is it a {table.teacher_class.__name__} checkpoint?)"
+            f"e.g. {uninitialised[0]!r} (is it a {type(teacher).__name__} checkpoint?)"
         )
     return teacher
 
@@ -214,17 +256,21 @@ def transfer(teacher_state: Mapping[str, torch.Tensor], pairs: Sequence[KeyPair]
     }
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str) -> None:
-    """Write `state` atomically: safetensors for a `.safetensors` name, torch.save otherwise.
+def make_folder(folder: Path, flag: str, value: str) -> None:
+    """Create `folder` and its parents; called only once everything that can fail before writing has succeeded.
 
-    The output folder is created (the original README writes to serialization_dir/, which a fresh
-    checkout lacks), but only here, once everything that can fail before writing has succeeded.
+    The original README writes to serialization_dir/, which a fresh checkout lacks.
     """
-    target = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ScriptError(f"--dump_checkpoint {path!r}: cannot create its folder ({err.strerror or err})") from err
+        raise ScriptError(f"{flag} {value!r}: cannot create its folder ({err.strerror or err})") from err
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str) -> None:
+    """Write `state` atomically: safetensors for a `.safetensors` name, torch.save otherwise."""
+    target = Path(path)
+    make_folder(target.parent, "--dump_checkpoint", path)
     with atomic_output(target) as tmp:
         if target.suffix == ".safetensors":
             save_file(state, tmp, metadata={"format": "pt"})
@@ -232,8 +278,24 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str) -> None:
             torch.save(state, tmp)
 
 
+def save_config(config: PretrainedConfig, path: str) -> None:
+    """Write the student config for `--dump_config` atomically, as the JSON train.py's --student_config reads."""
+    target = Path(path)
+    make_folder(target.parent, "--dump_config", path)
+    with atomic_output(target) as tmp:
+        config.to_json_file(tmp)
+    logger.info("Saved the student config (%d layers) to %s", config.num_hidden_layers, path)
+
+
+def log_transfer(layers: Sequence[int], state: Mapping[str, torch.Tensor]) -> None:
+    """What was copied: the original's two lines."""
+    n_values = sum(tensor.numel() for tensor in state.values())
+    logger.info("%d layers selected for distillation: teacher layers %s", len(layers), list(layers))
+    logger.info("Number of tensors transferred for distillation: %d (%.1fM values)", len(state), n_values / 1e6)
+
+
 def extract(args: argparse.Namespace, tables: Mapping[str, KeyTable]) -> None:
-    """Build the student state dict the flags ask for and write it to `--dump_checkpoint`.
+    """Build the student state dict the flags ask for and write it to `--dump_checkpoint` (and `--dump_config`).
 
     Everything that can fail (config, family, layers, weights, keys) is checked before the output is written.
 
@@ -244,22 +306,144 @@ def extract(args: argparse.Namespace, tables: Mapping[str, KeyTable]) -> None:
     table = tables[args.model_type]
     config = load_teacher_config(args.model_name, table.model_type)
     check_layers(args.layers, config.num_hidden_layers)
+    student_config = table.student_config(config, args.layers) if args.dump_config else None
     if args.vocab_transform and not table.vocab_transform:
         logger.warning("--vocab_transform has no effect for %s: its LM head has no transform", args.model_type)
     pairs = table.key_pairs(args.layers, args.vocab_transform)
-    teacher = load_teacher(args.model_name, table, config, [teacher_key for _, teacher_key in pairs])
+    teacher = load_teacher(args.model_name, table.teacher_class, config, [teacher_key for _, teacher_key in pairs])
     state = transfer(teacher.state_dict(), pairs)
     save_state_dict(state, args.dump_checkpoint)
-    n_params = sum(tensor.numel() for tensor in state.values())
-    logger.info("%d layers selected for distillation: teacher layers %s", len(args.layers), args.layers)
-    logger.info("Number of tensors transferred for distillation: %d (%.1fM values)", len(state), n_params / 1e6)
+    log_transfer(args.layers, state)
     logger.info("Saved the transferred checkpoint to %s", args.dump_checkpoint)
+    if student_config is not None:
+        save_config(student_config, args.dump_config)
+
+
+# ------------------------------------------------------------------ --model_type auto: any architecture
+
+# Files of a save_pretrained folder that from_pretrained would read as weights: one left from an earlier
+# save beside the new ones could be read instead of them (a single model.safetensors wins over shards).
+_WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
+
+
+def drop_unchosen_layers(model: PreTrainedModel, layers: Sequence[int], student_config: PretrainedConfig) -> None:
+    """Keep only teacher layers `layers` in the model's stack, renumbered 0..k-1, and give it `student_config`.
+
+    Everything outside the stack (embeddings, final norm, LM head, tied or not) stays as it is. The result is
+    meant for `save_pretrained`: its layers keep their teacher attributes (such as `layer_idx`).
+    """
+    stack_name, stack = find_layer_stack(model)
+    parent_name, _, attribute = stack_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attribute, nn.ModuleList(stack[idx] for idx in layers))
+    teacher_config = model.config
+    for module in model.modules():
+        if getattr(module, "config", None) is teacher_config:
+            module.config = student_config
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; if the block completes, its files move into `target`.
+
+    On an error the temporary folder is removed and `target` is untouched. Files already in `target` stay,
+    those of the same names are replaced, except weight files the block did not write: from_pretrained might
+    read them instead of the new ones, and deleting the user's files is not ours to do, so that is an error.
+    """
+    make_folder(target.parent, "--dump_checkpoint", str(target))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        written = {path.name for path in staging.iterdir()}
+        stale = sorted(
+            path.name
+            for pattern in _WEIGHT_FILE_PATTERNS
+            for path in (target.glob(pattern) if target.is_dir() else [])
+            if path.name not in written
+        )
+        if stale:
+            raise ScriptError(
+                f"--dump_checkpoint {str(target)!r} holds weights this extraction would not replace "
+                f"({', '.join(stale)}), which from_pretrained could load instead: choose another folder or remove them"
+            )
+        make_folder(target, "--dump_checkpoint", str(target))
+        # Configs last: a folder whose config is new has its new weights.
+        for name in sorted(written, key=lambda name: name.endswith(".json")):
+            os.replace(staging / name, target / name)
+    except OSError as err:
+        raise ScriptError(f"could not write {str(target)!r}: {err.strerror or err}") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_student_folder(folder: Path, lm_class: type) -> None:
+    """The student built from the written config must take the written weights exactly: no key missing or left over."""
+    try:
+        _, info = lm_class.from_pretrained(folder, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ScriptError(f"the extracted student does not load back ({_first_line(err)})") from err
+    problems = {kind: info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]}
+    if problems:
+        kind, keys = next(iter(problems.items()))
+        raise ScriptError(
+            f"the student built from the new config does not take the extracted weights ({kind.replace('_', ' ')}: "
+            f"{len(keys)}, e.g. {sorted(keys)[0]!r}); some architectures build their first layer differently: "
+            "start --layers with 0"
+        )
+
+
+def extract_auto(args: argparse.Namespace) -> None:
+    """`--model_type auto`: write the teacher reduced to its `--layers` as a save_pretrained folder.
+
+    The folder at `--dump_checkpoint` gets the teacher's config with the new depth (per-layer settings
+    following their layers) and the weights: everything outside the layer stack and the chosen layers,
+    renumbered. It is written through a temporary folder and checked to load back before it replaces anything.
+
+    Args:
+        args: parsed flags with `resolve_defaults` applied.
+    """
+    target = Path(args.dump_checkpoint)
+    if target.exists() and not target.is_dir():
+        raise ScriptError(f"--dump_checkpoint {args.dump_checkpoint!r} is a file: --model_type auto writes a folder")
+    config = load_teacher_config(args.model_name, None)
+    try:
+        lm_class = auto_lm_class(config)
+        check_layers(args.layers, depth(config))
+        student_config = shallower_config(config, args.layers)
+    except ValueError as err:
+        raise ScriptError(f"--model_name {args.model_name!r}: {_first_line(err)}") from err
+    if args.vocab_transform:
+        logger.warning("--vocab_transform has no effect with --model_type auto: the whole LM head is copied")
+    teacher = load_teacher(args.model_name, lm_class, config, None, dtype="auto")
+    try:
+        drop_unchosen_layers(teacher, args.layers, student_config)
+    except ValueError as err:
+        raise ScriptError(f"--model_name {args.model_name!r}: {_first_line(err)}") from err
+    with staged_folder(target) as staging:
+        teacher.save_pretrained(staging)
+        log_transfer(args.layers, teacher.state_dict())
+        del teacher  # the check loads the student: hold one model at a time
+        check_student_folder(staging, lm_class)
+    logger.info("Saved the student (config.json and weights) to %s", target)
+    if args.dump_config:
+        save_config(student_config, args.dump_config)
 
 
 def run_extraction(
-    description: str, tables: Mapping[str, KeyTable], default_names: Mapping[str, str], argv: Sequence[str] | None
+    description: str,
+    tables: Mapping[str, KeyTable],
+    default_names: Mapping[str, str],
+    argv: Sequence[str] | None,
+    with_auto: bool = False,
 ) -> None:
-    """The whole command of an extraction script: parse its flags, fill the defaults, extract, write."""
-    args = build_parser(description, list(tables), default_names).parse_args(argv)
+    """The whole command of an extraction script: parse its flags, fill the defaults, extract, write.
+
+    `with_auto` adds the `auto` choice of `--model_type` after the script's own families.
+    """
+    model_types = [*tables, AUTO] if with_auto else list(tables)
+    args = build_parser(description, model_types, default_names).parse_args(argv)
     resolve_defaults(args, default_names)
-    extract(args, tables)
+    if args.model_type == AUTO:
+        extract_auto(args)
+    else:
+        extract(args, tables)

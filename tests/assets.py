@@ -16,7 +16,15 @@ from transformers import (
     DistilBertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
     PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaForMaskedLM,
 )
@@ -199,3 +207,110 @@ def tiny_model(kind: str, role: str, vocab_size: int, seed: int = 0, hidden: int
     config.output_hidden_states = True
     torch.manual_seed(seed)
     return MODEL_CLASSES[kind](config)
+
+
+# ---- Today's families, for the `auto` choices: encoder (ModernBERT) and decoders (Llama, Qwen3, GPT-NeoX) ----
+
+AUTO_KINDS = ("modernbert", "llama", "qwen3", "gpt_neox")
+
+# Per family: the tokenizer's special tokens, the template it wraps a text in (None: it adds nothing) and the
+# roles its special tokens play, as in the released tokenizers (Llama 3 adds only its BOS and has no unknown or
+# padding token; Qwen and GPT-NeoX add nothing).
+_AUTO_TOKENIZERS = {
+    "modernbert": (
+        ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
+        "[CLS] $A [SEP]",
+        dict(unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]"),
+    ),
+    "llama": (
+        ["<|begin_of_text|>", "<|end_of_text|>"],
+        "<|begin_of_text|> $A",
+        dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"),
+    ),
+    "qwen3": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        None,
+        dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>"),
+    ),
+    "gpt_neox": (
+        ["<|endoftext|>", "<|padding|>"],
+        None,
+        dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"),
+    ),
+}
+
+
+def build_auto_tokenizer(kind: str, out_dir: Path, corpus: list[str], vocab_size: int = 400) -> Path:
+    """Train a tiny byte-level BPE tokenizer with the special tokens and wrapping of family `kind` (AUTO_KINDS)."""
+    specials, template, roles = _AUTO_TOKENIZERS[kind]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    if template is not None:
+        markers = [(token, tok.token_to_id(token)) for token in specials if token in template]
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=markers)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN, **roles)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def auto_teacher_config(kind: str, tokenizer, n_layers: int = 4, hidden: int = 32):
+    """Config of a tiny teacher of family `kind` (AUTO_KINDS), its special-token ids taken from `tokenizer`.
+
+    What each covers: ModernBERT pre-norm LayerNorms without bias, rotary, tied head and a pattern of global
+    and local (sliding) attention layers, with a window short enough to matter on test sequences; Llama GQA
+    (2 key/value heads for 4 heads), RMSNorm, rotary, untied head; Qwen3 GQA, q/k norms, tied head and
+    alternating full and sliding attention; GPT-NeoX partial rotary (a quarter of each head), parallel
+    residual, untied head.
+    """
+    ids = dict(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    sizes = dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers, max_position_embeddings=MAX_LEN
+    )
+    if kind == "modernbert":
+        return ModernBertConfig(
+            **sizes, **{**ids, "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id},
+            num_attention_heads=2, cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+            local_attention=4, global_attn_every_n_layers=3,
+        )
+    if kind == "llama":
+        return LlamaConfig(**sizes, **ids, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    if kind == "qwen3":
+        return Qwen3Config(
+            **sizes, **ids, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+            tie_word_embeddings=True, use_sliding_window=True, sliding_window=4,
+            layer_types=["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(n_layers)],
+        )
+    if kind == "gpt_neox":
+        return GPTNeoXConfig(**sizes, **ids, num_attention_heads=4, rotary_pct=0.25, tie_word_embeddings=False)
+    raise ValueError(f"unknown auto teacher kind {kind!r}")
+
+
+# The LM class of each family, written out here independently of scripts/model_families.py.
+AUTO_MODEL_CLASSES = {
+    "modernbert": ModernBertForMaskedLM,
+    "llama": LlamaForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "gpt_neox": GPTNeoXForCausalLM,
+}
+
+
+def build_auto_teacher(kind: str, out_dir: Path, tokenizer_dir: Path, n_layers: int = 4, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny teacher of family `kind` (AUTO_KINDS) with its tokenizer in `out_dir`."""
+    import torch
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = AUTO_MODEL_CLASSES[kind](auto_teacher_config(kind, tokenizer, n_layers=n_layers))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -75,3 +75,25 @@ def family_inputs(tmp_path_factory, corpus_file, teacher_dirs) -> dict[str, dict
             teacher_name=str(teacher_dir), vocab_size=vocab_size,
         )
     return inputs
+
+
+@pytest.fixture(scope="session")
+def auto_tokenizer_dirs(tmp_path_factory, corpus_lines) -> dict[str, Path]:
+    """One tiny saved tokenizer per family of today (assets.AUTO_KINDS), with the family's special tokens:
+    'modernbert' adds [CLS] ... [SEP] (and has [PAD], [MASK], [UNK]); 'llama' adds only <|begin_of_text|>
+    (eos <|end_of_text|>, no pad or unk); 'qwen3' adds nothing (eos = pad = <|endoftext|>); 'gpt_neox' adds
+    nothing (bos = eos = unk = <|endoftext|>)."""
+    root = tmp_path_factory.mktemp("auto-tokenizers")
+    return {kind: assets.build_auto_tokenizer(kind, root / f"tiny-{kind}", corpus_lines) for kind in assets.AUTO_KINDS}
+
+
+@pytest.fixture(scope="session")
+def auto_teacher_dirs(tmp_path_factory, auto_tokenizer_dirs) -> dict[str, Path]:
+    """One tiny saved teacher (model + tokenizer, 4 layers, hidden 32) per family of today, for the `auto` types:
+    {'modernbert': dir, 'llama': dir, 'qwen3': dir, 'gpt_neox': dir}; what each covers is in
+    assets.auto_teacher_config."""
+    root = tmp_path_factory.mktemp("auto-teachers")
+    return {
+        kind: assets.build_auto_teacher(kind, root / f"tiny-{kind}-teacher", auto_tokenizer_dirs[kind])
+        for kind in assets.AUTO_KINDS
+    }

@@ -5,15 +5,18 @@ run from a folder that is not the repository, to prove the script works from any
 """
 
 import io
+import logging
 import pickle
 import pickletools
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import binarized_data
@@ -331,3 +334,98 @@ def test_a_tokenizer_without_tokenizer_json_goes_through_autotokenizer(tokenizer
     assert type(tokenizer) is BertTokenizer
     for line in corpus_lines[:20]:
         assert tokenizer.backend_tokenizer.encode(line).ids == reference.backend_tokenizer.encode(line).ids
+
+
+# ------------------------------------------------- --tokenizer_type auto: the tokenizer's own special tokens
+
+# What each tokenizer must wrap a line in, by token name, written out here (None: nothing on that side).
+AUTO_WRAPPING = {
+    "bert": ("[CLS]", "[SEP]"),
+    "modernbert": ("[CLS]", "[SEP]"),
+    "llama": ("<|begin_of_text|>", None),
+    "qwen3": (None, None),
+}
+
+
+@contextmanager
+def captured_log(name: str) -> Iterator[list[str]]:
+    """The `LEVEL: message` lines logger `name` emits at INFO and above inside the block."""
+    logger = logging.getLogger(name)
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(f"{record.levelname}: {record.getMessage()}")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def auto_runs(tmp_path_factory, text_file, tokenizer_dirs, auto_tokenizer_dirs) -> dict[str, tuple[Path, str]]:
+    """binarized_data.main with --tokenizer_type auto per tokenizer, in this process: {kind: (output folder, log)}.
+
+    The Llama case runs two worker processes over small batches, which receive the encoder by pickling.
+    """
+    dirs = {"bert": tokenizer_dirs["bert"], **auto_tokenizer_dirs}
+    results = {}
+    for kind in AUTO_WRAPPING:
+        out_dir = tmp_path_factory.mktemp(f"auto-{kind}")
+        flags = ["--workers", "2", "--batch_size", "64"] if kind == "llama" else []
+        with captured_log("binarized_data") as log:
+            binarized_data.main([
+                "--file_path", str(text_file), "--tokenizer_type", "auto", "--tokenizer_name", str(dirs[kind]),
+                "--dump_file", str(out_dir / "binarized_text"), "--seed", "0", *flags,
+            ])
+        results[kind] = (out_dir, "\n".join(log))
+    return results
+
+
+@pytest.mark.parametrize("kind", sorted(AUTO_WRAPPING))
+def test_auto_ids_are_the_tokenizers_own_encoding_of_every_line(
+    kind, auto_runs, tokenizer_dirs, auto_tokenizer_dirs, corpus_lines
+):
+    out_dir, _ = auto_runs[kind]
+    tokenizer_dir = {"bert": tokenizer_dirs["bert"], **auto_tokenizer_dirs}[kind]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    expected = [tokenizer(line.strip()).input_ids for line in corpus_lines]
+
+    assert [p.name for p in out_dir.iterdir()] == [f"binarized_text.{tokenizer_dir.name}.pickle"]
+    sequences = load_output(out_dir)
+    assert all(seq.dtype == np.uint16 for seq in sequences)
+    assert sorted(tuple(seq.tolist()) for seq in sequences) == sorted(map(tuple, expected))
+    # The wrapping, by name: exactly the family's markers, nothing else special.
+    start, end = AUTO_WRAPPING[kind]
+    special = set(tokenizer.all_special_ids)
+    for seq in sequences:
+        body = seq.tolist()[(start is not None) : len(seq) - (end is not None)]
+        assert start is None or tokenizer.convert_ids_to_tokens(int(seq[0])) == start
+        assert end is None or tokenizer.convert_ids_to_tokens(int(seq[-1])) == end
+        assert not special & set(body)
+
+
+def test_auto_warns_when_the_tokenizer_adds_no_marker(auto_runs):
+    no_marker = "WARNING: The tokenizer adds no special token: each sequence is the bare ids of its line"
+    assert no_marker in auto_runs["qwen3"][1]
+    assert "WARNING" not in auto_runs["llama"][1]
+    assert "special tokens the tokenizer adds itself: start '<|begin_of_text|>', end none" in auto_runs["llama"][1]
+
+
+def test_auto_refuses_a_tokenizer_adding_two_markers_on_a_side(text_file, tmp_path):
+    backend = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> <s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    tokenizer_dir = tmp_path / "double-bos"
+    tokenizer.save_pretrained(tokenizer_dir)
+    with pytest.raises(ScriptError, match=r"--tokenizer_type auto: the tokenizer adds 2 special tokens before a text"):
+        binarized_data.main([
+            "--file_path", str(text_file), "--tokenizer_type", "auto", "--tokenizer_name", str(tokenizer_dir),
+            "--dump_file", str(tmp_path / "b"),
+        ])
+    assert [p.name for p in tmp_path.iterdir()] == ["double-bos"]

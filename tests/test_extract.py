@@ -21,16 +21,22 @@ import extract_distilbert
 import extraction
 import pytest
 import torch
-from cli_utils import ScriptError
+from cli_utils import ScriptError, run_cli
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     BertConfig,
     DistilBertConfig,
     DistilBertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
+    PretrainedConfig,
+    PreTrainedModel,
     RobertaConfig,
     RobertaForMaskedLM,
+    ViTConfig,
 )
 
 DEFAULT_LAYERS = [0, 2, 4, 7, 9, 11]
@@ -446,3 +452,298 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(cli_runs, case, message):
     assert re.match(message, last_line), last_line
     assert "Traceback" not in result.stderr
     assert list(cwd.iterdir()) == []
+
+
+# ------------------------------------------------- --dump_config: the student config that fits the checkpoint
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "gpt2"])
+def test_dump_config_gives_a_student_that_reproduces_the_teacher(kind, teacher_dirs, tmp_path):
+    """All layers extracted: the dumped config, not a hand-written one, makes the student that gives the teacher's
+    logits; the checkpoint loads into it with nothing left over and only tied tensors missing."""
+    teacher = load_saved_teacher(teacher_dirs[kind], kind)
+    layers = [str(idx) for idx in range(teacher.config.num_hidden_layers)]
+    config_path = tmp_path / "configs" / "student.json"  # its folder is created
+    state = run_main(
+        kind, teacher_dirs[kind], tmp_path / "student.pth", "--vocab_transform", "--layers", *layers,
+        "--dump_config", str(config_path),
+    )
+    config = STUDENT_CLASS[kind].config_class.from_json_file(config_path)
+    torch.manual_seed(1234)
+    student = STUDENT_CLASS[kind](config).eval()
+    loaded = student.load_state_dict(state, strict=False)
+    if kind == "bert":
+        teacher.bert.embeddings.token_type_embeddings.weight.data.zero_()
+    ids = random_ids(teacher.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+    assert loaded.unexpected_keys == []
+    assert sorted(loaded.missing_keys) == sorted(STUDENT_NOT_COVERED[kind])
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "gpt2"])
+def test_dump_config_has_the_chosen_depth_and_nothing_else_is_written_without_it(kind, deep_teacher_dirs, tmp_path):
+    with_config, without = tmp_path / "with", tmp_path / "without"
+    state = run_main(
+        kind, deep_teacher_dirs[kind], with_config / "student.pth", "--dump_config", str(with_config / "c.json")
+    )
+    state_without = run_main(kind, deep_teacher_dirs[kind], without / "student.pth")
+
+    config = STUDENT_CLASS[kind].config_class.from_json_file(with_config / "c.json")
+    assert config.num_hidden_layers == len(DEFAULT_LAYERS)
+    assert config.vocab_size == load_saved_teacher(deep_teacher_dirs[kind], kind).config.vocab_size
+    assert [p.name for p in without.iterdir()] == ["student.pth"]
+    assert list(state) == list(state_without)
+    assert all(torch.equal(state[key], state_without[key]) for key in state)
+
+
+def test_distilbert_config_takes_the_teachers_sizes_under_distilberts_names():
+    bert = BertConfig(
+        vocab_size=1234, hidden_size=48, num_hidden_layers=12, num_attention_heads=3, intermediate_size=100,
+        hidden_act="gelu_new", hidden_dropout_prob=0.15, attention_probs_dropout_prob=0.05,
+        max_position_embeddings=77, initializer_range=0.03, pad_token_id=7,
+    )
+    config = extract_distilbert.distilbert_config(bert, [0, 2, 4])
+    assert isinstance(config, DistilBertConfig)
+    assert (
+        config.vocab_size, config.dim, config.n_heads, config.hidden_dim, config.activation, config.dropout,
+        config.attention_dropout, config.max_position_embeddings, config.initializer_range, config.pad_token_id,
+        config.n_layers, config.sinusoidal_pos_embds,
+    ) == (1234, 48, 3, 100, "gelu_new", 0.15, 0.05, 77, 0.03, 7, 3, False)
+
+
+# ------------------------------------------------------------- --model_type auto: any family, a model folder
+
+# Written out here, independently of scripts/model_families.py.
+AUTO_STACK = {
+    "modernbert": "model.layers", "llama": "model.layers", "qwen3": "model.layers", "gpt_neox": "gpt_neox.layers"
+}
+FULL, SLIDING = "full_attention", "sliding_attention"
+# Attention type of each default student layer: the teacher's of layers 0 2 4 7 9 11. The tiny ModernBERT is
+# global every 3 layers (0, 3, 6, 9); the tiny Qwen3 full on even layers.
+DEFAULT_AUTO_LAYER_TYPES = {
+    "modernbert": [FULL, SLIDING, SLIDING, SLIDING, FULL, SLIDING],
+    "qwen3": [FULL, FULL, FULL, SLIDING, SLIDING, SLIDING],
+}
+
+
+@pytest.fixture(scope="module")
+def deep_auto_teacher_dirs(tmp_path_factory, auto_tokenizer_dirs) -> dict[str, Path]:
+    """12-layer tiny teachers of today's families, so the default layers 0 2 4 7 9 11 exist."""
+    root = tmp_path_factory.mktemp("deep-auto-teachers")
+    return {
+        kind: assets.build_auto_teacher(kind, root / f"tiny-{kind}-12", auto_tokenizer_dirs[kind], n_layers=12, seed=1)
+        for kind in assets.AUTO_KINDS
+    }
+
+
+def run_auto(teacher_dir: Path, out: Path, *flags: str) -> Path:
+    """extract.py --model_type auto in this process; returns the student folder."""
+    extract.main(["--model_type", "auto", "--model_name", str(teacher_dir), "--dump_checkpoint", str(out), *flags])
+    return out
+
+
+def load_student_folder(kind: str, folder: Path) -> torch.nn.Module:
+    """The student as a user loads it, asserting that every tensor comes from the folder and none is left over."""
+    student, info = assets.AUTO_MODEL_CLASSES[kind].from_pretrained(folder, output_loading_info=True)
+    assert not any(info[keys] for keys in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return student.eval()
+
+
+def auto_ids(vocab_size: int) -> torch.Tensor:
+    """(2, 12) ids: longer than the tiny models' attention window, so sliding and full attention differ."""
+    return torch.randint(5, vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", assets.AUTO_KINDS)
+def test_auto_all_layers_reproduce_teacher_logits(kind, auto_teacher_dirs, tmp_path):
+    teacher = assets.AUTO_MODEL_CLASSES[kind].from_pretrained(auto_teacher_dirs[kind]).eval()
+    layers = [str(idx) for idx in range(teacher.config.num_hidden_layers)]
+    student = load_student_folder(kind, run_auto(auto_teacher_dirs[kind], tmp_path / "student", "--layers", *layers))
+    ids = auto_ids(teacher.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+    assert student.config.to_dict() == {**teacher.config.to_dict(), "_name_or_path": student.config.name_or_path}
+
+
+@pytest.mark.parametrize("kind", assets.AUTO_KINDS)
+def test_auto_default_layers_hold_exactly_the_chosen_teacher_tensors(kind, deep_auto_teacher_dirs, tmp_path):
+    """Every tensor the teacher's own folder stores, outside the stack or in a chosen layer (renumbered), and
+    nothing else; tied heads are stored the way the teacher stores them."""
+    teacher_dir = deep_auto_teacher_dirs[kind]
+    folder = run_auto(teacher_dir, tmp_path / "student")
+    teacher_state, state = load_file(teacher_dir / "model.safetensors"), load_file(folder / "model.safetensors")
+
+    layer_key = re.compile(rf"{re.escape(AUTO_STACK[kind])}\.(\d+)\.(.*)")
+    expected = {}
+    for key in teacher_state:
+        match = layer_key.fullmatch(key)
+        if match is None:
+            expected[key] = key
+        elif int(match.group(1)) in DEFAULT_LAYERS:
+            expected[f"{AUTO_STACK[kind]}.{DEFAULT_LAYERS.index(int(match.group(1)))}.{match.group(2)}"] = key
+    assert sorted(state) == sorted(expected)
+    for student_key, teacher_key in expected.items():
+        assert torch.equal(state[student_key], teacher_state[teacher_key]), (student_key, teacher_key)
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_hidden_layers"] == len(DEFAULT_LAYERS)
+    assert config.get("layer_types") == DEFAULT_AUTO_LAYER_TYPES.get(kind)
+    load_student_folder(kind, folder)
+
+
+def test_auto_students_layers_keep_their_attention_types(deep_auto_teacher_dirs, tmp_path):
+    """ModernBERT: the student is the teacher run through only its layers 0 2 4 7 9 11, each with its own
+    attention type (a re-derived global-every-3 pattern would make student layer 3 global); Qwen3: each
+    student layer attends within the teacher layer's window."""
+    folder = run_auto(deep_auto_teacher_dirs["modernbert"], tmp_path / "modernbert")
+    student = load_student_folder("modernbert", folder)
+    reference = assets.AUTO_MODEL_CLASSES["modernbert"].from_pretrained(deep_auto_teacher_dirs["modernbert"]).eval()
+    reference.model.layers = nn.ModuleList(reference.model.layers[idx] for idx in DEFAULT_LAYERS)
+    ids = auto_ids(student.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert [layer.attention_type for layer in student.model.layers] == DEFAULT_AUTO_LAYER_TYPES["modernbert"]
+
+    qwen = load_student_folder("qwen3", run_auto(deep_auto_teacher_dirs["qwen3"], tmp_path / "qwen3"))
+    windows = [layer.self_attn.sliding_window for layer in qwen.model.layers]
+    assert windows == [None if kind == FULL else 4 for kind in DEFAULT_AUTO_LAYER_TYPES["qwen3"]]
+
+
+def test_auto_dump_config_is_the_folders_config(auto_teacher_dirs, tmp_path):
+    folder = run_auto(auto_teacher_dirs["llama"], tmp_path / "student", "--layers", "0", "2",
+                      "--dump_config", str(tmp_path / "student.json"))
+    assert json.loads((tmp_path / "student.json").read_text()) == json.loads((folder / "config.json").read_text())
+
+
+def test_auto_output_replaces_only_its_own_files(auto_teacher_dirs, tmp_path):
+    folder = tmp_path / "student"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "config.json").write_text("{}")
+    run_auto(auto_teacher_dirs["gpt_neox"], folder, "--layers", "1", "3")
+
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "notes.txt"
+    ]
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["student"]  # no temporary folder left
+
+
+def test_auto_refuses_to_leave_other_weights_beside_its_own(auto_teacher_dirs, tmp_path):
+    """An earlier sharded save would be half-shadowed: refused, and the folder is left as it was."""
+    folder = tmp_path / "student"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ScriptError, match=r"holds weights this extraction would not replace \(model.safetensors.index"):
+        run_auto(auto_teacher_dirs["qwen3"], folder, "--layers", "0")
+    assert [p.name for p in folder.iterdir()] == ["model.safetensors.index.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["student"]
+
+
+def test_auto_layers_out_of_range_or_repeated_are_refused_before_writing(auto_teacher_dirs, tmp_path):
+    for flags, message in [
+        (["--layers", "0", "4"], "--layers 4 out of range: the teacher has 4 layers, choose indices from 0 to 3"),
+        (["--layers", "2", "2"], "--layers repeats 2"),
+    ]:
+        with pytest.raises(ScriptError, match=re.escape(message)):
+            run_auto(auto_teacher_dirs["llama"], tmp_path / "student", *flags)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_modernbert_student_must_start_with_the_teachers_first_layer(auto_teacher_dirs, tmp_path):
+    """ModernBERT's first layer has no attention norm: a student whose layer 0 is another teacher layer would
+    not take its weights. The check before renaming catches it and nothing is left behind."""
+    with pytest.raises(ScriptError, match=r"does not take the extracted weights \(unexpected keys: 1, e.g. "
+                                          r"'model.layers.0.attn_norm.weight'\).*start --layers with 0"):
+        run_auto(auto_teacher_dirs["modernbert"], tmp_path / "student", "--layers", "1", "3")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _FlatConfig(PretrainedConfig):
+    model_type = "tiny-flat-lm"
+    vocab_size: int = 50
+    hidden_size: int = 8
+    num_hidden_layers: int = 3
+
+
+class _FlatLM(PreTrainedModel):
+    """A causal LM whose layers are an nn.Sequential, not a ModuleList: no stack to find."""
+
+    config_class = _FlatConfig
+
+    def __init__(self, config: _FlatConfig):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.Sequential(*(nn.Linear(config.hidden_size, config.hidden_size) for _ in range(3)))
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+
+@pytest.fixture(scope="module")
+def flat_teacher_dir(tmp_path_factory) -> Path:
+    """A registered causal-LM family that AutoModelForCausalLM loads, saved to a folder."""
+    AutoConfig.register(_FlatConfig.model_type, _FlatConfig, exist_ok=True)
+    AutoModelForCausalLM.register(_FlatConfig, _FlatLM, exist_ok=True)
+    folder = tmp_path_factory.mktemp("flat") / "tiny-flat"
+    _FlatLM(_FlatConfig()).save_pretrained(folder)
+    return folder
+
+
+def test_auto_teacher_without_a_layer_stack_is_refused(flat_teacher_dir, tmp_path):
+    with pytest.raises(ScriptError, match=r"_FlatLM has no nn.ModuleList of 3 modules .*: cannot find its layers"):
+        run_auto(flat_teacher_dir, tmp_path / "student", "--layers", "0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_refuses_a_model_that_is_not_a_language_model(tmp_path):
+    vit = tmp_path / "tiny-vit"
+    ViTConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8).save_pretrained(vit)
+    with pytest.raises(ScriptError, match=r"'vit' model is not a language model"):
+        run_auto(vit, tmp_path / "student", "--layers", "0")
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-vit"]
+
+
+def test_auto_needs_a_model_name_and_writes_a_folder(auto_teacher_dirs, tmp_path):
+    with pytest.raises(ScriptError, match="--model_type auto needs --model_name"):
+        extract.main(["--model_type", "auto"])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ScriptError, match="is a file: --model_type auto writes a folder"):
+        run_auto(auto_teacher_dirs["llama"], tmp_path / "a-file", "--layers", "0")
+
+
+def test_auto_default_output_folder():
+    parser = extraction.build_parser("test", ["roberta", "gpt2", "auto"], extract.DEFAULT_NAMES)
+    args = parser.parse_args(["--model_type", "auto", "--model_name", "/models/Llama-3.2-1B/", "--layers", "0", "15"])
+    extraction.resolve_defaults(args, extract.DEFAULT_NAMES)
+    assert args.dump_checkpoint == "serialization_dir/Llama-3.2-1B_015"
+
+
+def test_auto_cli_writes_the_default_folder(repo_root, deep_auto_teacher_dirs, tmp_path):
+    """The real script from a fresh cwd (model_families is found beside it): serialization_dir/<name>_0247911/."""
+    command = [
+        sys.executable, str(repo_root / "scripts" / "extract.py"), "--model_type", "auto",
+        "--model_name", str(deep_auto_teacher_dirs["llama"]),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "serialization_dir" / f"{deep_auto_teacher_dirs['llama'].name}_0247911"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert "6 layers selected" in result.stderr
+    assert load_student_folder("llama", folder).config.num_hidden_layers == 6
+
+
+def test_auto_cli_error_is_one_line_and_writes_nothing(auto_teacher_dirs, tmp_path, capsys):
+    argv = ["--model_type", "auto", "--model_name", str(auto_teacher_dirs["qwen3"]), "--layers", "9",
+            "--dump_checkpoint", str(tmp_path / "student")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(extract.main, argv)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "error: --layers 9 out of range: the teacher has 4 layers, choose indices from 0 to 3"
+    )
+    assert list(tmp_path.iterdir()) == []
