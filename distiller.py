@@ -560,9 +560,9 @@ class Distiller:
         self.batches_per_epoch = len(self.batches)
 
         self.mlm = params.mlm
-        # Decided once: padding is the pad id for MLM and, as in the original, the unknown id for CLM.
+        # Decided once: padding is the dataset's (the pad id for MLM and, as in the original, the unknown id for CLM).
         self.prepare_batch = self.prepare_batch_mlm if self.mlm else self.prepare_batch_clm
-        self.pad_id = params.special_tok_ids["pad_token" if self.mlm else "unk_token"]
+        self.pad_id = dataset.pad_id
         if self.mlm:
             self.mask_token_id = params.special_tok_ids["mask_token"]
             self.mlm_mask_prop = params.mlm_mask_prop

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
 from scripts.cli_flags import ArgumentParser, number, positive_int
+from scripts.model_families import auto_lm_class, auto_markers, embeddable_positions, is_masked_lm
 from scripts.token_data import TokenDataError, is_mmap_file, load_token_id_arrays, load_token_id_mmap
 from utils import (
     IGNORE_INDEX,
@@ -45,7 +46,10 @@ from utils import (
 T = TypeVar("T")
 EvalBatch = tuple[Tensor, Tensor, Tensor]  # input_ids (bs, len), attention_mask (bs, len) bool, labels (bs, len)
 
-CAUSAL_MODEL_TYPES = ("gpt2",)
+# The original families' sequences carry their roles' markers (cls/sep with MLM, bos/eos without); any other
+# family's carry those its tokenizer adds (binarized_data.py --tokenizer_type auto).
+ROLE_MARKER_TYPES = ("bert", "distilbert", "roberta", "gpt2")
+AUTO = "auto"
 
 
 def mask_for_evaluation(
@@ -197,8 +201,8 @@ def load_model(name_or_path: str, config_path: str | None = None) -> nn.Module:
         config = AutoConfig.from_pretrained(config_source)
     except MODEL_LOAD_ERRORS as err:
         raise load_failure(f"a model config from {config_source!r}", config_source, err) from err
-    auto_class = AutoModelForCausalLM if config.model_type in CAUSAL_MODEL_TYPES else AutoModelForMaskedLM
     try:
+        auto_class = auto_lm_class(config)
         if not is_file:
             return auto_class.from_pretrained(name_or_path, config=config)
         model = auto_class.from_config(config)
@@ -213,10 +217,6 @@ def load_model(name_or_path: str, config_path: str | None = None) -> nn.Module:
     return model
 
 
-def is_causal(model: nn.Module) -> bool:
-    return model.config.model_type in CAUSAL_MODEL_TYPES
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_file", required=True, help="Held-out binarized data (scripts/binarized_data.py output).")
@@ -226,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--student_config", default=None, help="Config of a weights-file --student (default: config.json beside it).")
     parser.add_argument("--tokenizer_name", required=True, help="The tokenizer the data was binarized with (hub name or directory).")
+    parser.add_argument(
+        "--tokenizer_type", choices=("bert", "roberta", "gpt2", AUTO), default=None,
+        help="The --tokenizer_type the data was binarized with: bert, roberta and gpt2 sequences carry their roles' "
+        "markers, auto ones those the tokenizer adds. Default: auto unless the student is a bert, distilbert, "
+        "roberta or gpt2 model.",
+    )
     parser.add_argument("--teacher_name", default=None, help="Also report agreement with this teacher, and its own figures.")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument(
@@ -282,21 +288,19 @@ def check_token_ids(corpus: FlatCorpus, vocab_size: int, path: str, flag: str) -
 def load_eval_batches(
     data_file: str, tokenizer, max_input_size: int, mlm: bool, batch_size: int,
     mask_prop: float, seed: int, max_sequences: int | None = None, vocab_size: int | None = None,
+    markers: dict[str, int | None] | None = None,
 ) -> list[EvalBatch]:
     """Read a binarized held-out file (safely: nothing in it can run; ids checked against `vocab_size` when
-    given) and turn it into fixed evaluation batches."""
+    given) and turn it into fixed evaluation batches; `markers` as LmSeqsDataset takes them (None: the roles')."""
     data = load_binarized_data(data_file, "--data_file", vocab_size)
     special = special_token_ids(tokenizer)
-    params = Namespace(max_model_input_size=max_input_size, mlm=mlm, special_tok_ids=special, is_master=True)
+    params = Namespace(
+        max_model_input_size=max_input_size, mlm=mlm, special_tok_ids=special, is_master=True, markers=markers
+    )
     dataset = LmSeqsDataset(params, data)
     return build_eval_batches(
         dataset, batch_size, mlm, special.values(), special.get("mask_token"), mask_prop, seed, max_sequences
     )
-
-
-def _max_positions(model: nn.Module) -> int:
-    config = model.config
-    return getattr(config, "n_positions", None) or config.max_position_embeddings - (2 if config.model_type == "roberta" else 0)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
@@ -307,12 +311,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
     except MODEL_LOAD_ERRORS as err:
         raise load_failure(f"a tokenizer from --tokenizer_name {args.tokenizer_name!r}", args.tokenizer_name, err) from err
-    mlm = not is_causal(student)
-    max_input_size = min(tokenizer.model_max_length, _max_positions(student))
+    mlm = is_masked_lm(student.config)
+    max_input_size = min(tokenizer.model_max_length, embeddable_positions(student.config) or tokenizer.model_max_length)
     vocab_size = min(model.config.vocab_size for model in (student, teacher) if model is not None)
+    markers = None  # the roles' (cls/sep or bos/eos)
+    if (args.tokenizer_type or (AUTO if student.config.model_type not in ROLE_MARKER_TYPES else None)) == AUTO:
+        try:
+            markers = auto_markers(tokenizer, mlm)
+        except ValueError as err:
+            raise UserError(f"--tokenizer_type auto: {err}") from err
     batches = load_eval_batches(
         args.data_file, tokenizer, max_input_size, mlm, args.batch_size, args.mask_prop, args.seed, args.max_sequences,
-        vocab_size,
+        vocab_size, markers,
     )
     results = {"student": evaluate_model(student, batches, mlm, teacher)}
     if teacher is not None:

@@ -109,7 +109,9 @@ class LmSeqsDataset(Dataset):
         params: reads `max_model_input_size`, `mlm` and `special_tok_ids` (role name -> id; with
             `mlm`: cls_token, sep_token, pad_token, without: bos_token, eos_token, unk_token; unk_token
             if present enables the unknown-token filter), and `is_master` (only the master logs
-            statistics). Copied here, never written.
+            statistics); [+] `markers` when set, {"start": id or None, "end": id or None, "pad": id}, replaces
+            the roles' markers and padding (auto families: what their tokenizer adds, maybe nothing).
+            Copied here, never written.
         data: one 1-D integer array per sequence (the pickle written by scripts/binarized_data.py),
             or a `FlatCorpus` (its memory-mapped format). Each sequence starts with the start marker
             and ends with the end marker (cls/sep with mlm, else bos/eos).
@@ -126,14 +128,18 @@ class LmSeqsDataset(Dataset):
         self.mlm = bool(params.mlm)
         self.is_master = getattr(params, "is_master", True)
         special_tok_ids = dict(params.special_tok_ids)
-        start_role, end_role, pad_role = (
-            ("cls_token", "sep_token", "pad_token") if self.mlm else ("bos_token", "eos_token", "unk_token")
-        )
-        self.start_id = _special_id(special_tok_ids, start_role)
-        self.end_id = _special_id(special_tok_ids, end_role)
-        # As the original: causal LMs pad with the unknown id (GPT-2 has no pad token); padding never
-        # reaches the loss.
-        self.pad_id = _special_id(special_tok_ids, pad_role)
+        markers = getattr(params, "markers", None)
+        if markers is None:
+            start_role, end_role, pad_role = (
+                ("cls_token", "sep_token", "pad_token") if self.mlm else ("bos_token", "eos_token", "unk_token")
+            )
+            self.start_id = _special_id(special_tok_ids, start_role)
+            self.end_id = _special_id(special_tok_ids, end_role)
+            # As the original: causal LMs pad with the unknown id (GPT-2 has no pad token); padding never
+            # reaches the loss.
+            self.pad_id = _special_id(special_tok_ids, pad_role)
+        else:  # [+] auto families: what their tokenizer adds, possibly nothing
+            self.start_id, self.end_id, self.pad_id = markers["start"], markers["end"], markers["pad"]
         self.unk_id = special_tok_ids.get("unk_token")
 
         corpus = data if isinstance(data, FlatCorpus) else FlatCorpus.from_arrays(data)
@@ -244,8 +250,10 @@ class LmSeqsDataset(Dataset):
         chunks = np.flatnonzero(split)
         add_start = np.zeros(len(starts), dtype=bool)
         add_end = np.zeros(len(starts), dtype=bool)
-        add_start[chunks] = self.token_ids[starts[chunks]] != self.start_id
-        add_end[chunks] = self.token_ids[starts[chunks] + stored[chunks] - 1] != self.end_id
+        if self.start_id is not None:  # a tokenizer that adds no marker: chunks get none either
+            add_start[chunks] = self.token_ids[starts[chunks]] != self.start_id
+        if self.end_id is not None:
+            add_end[chunks] = self.token_ids[starts[chunks] + stored[chunks] - 1] != self.end_id
         self._set_chunks(starts, stored + add_start + add_end, add_start, add_end)
         self._log(
             f"Split {n_long} sequences longer than {self.max_model_input_size} tokens "
@@ -307,8 +315,8 @@ class LmSeqsDataset(Dataset):
         # faster than slicing an np.memmap.
         self.token_ids = corpus.ids.view(np.ndarray)
         self.token_ids.flags.writeable = False  # items are views into it
-        self._start_marker = np.array([self.start_id], dtype=self.token_ids.dtype)
-        self._end_marker = np.array([self.end_id], dtype=self.token_ids.dtype)
+        self._start_marker = np.array([] if self.start_id is None else [self.start_id], dtype=self.token_ids.dtype)
+        self._end_marker = np.array([] if self.end_id is None else [self.end_id], dtype=self.token_ids.dtype)
         no_marker = np.zeros(len(corpus.offsets) - 1, dtype=bool)
         self._set_chunks(
             np.asarray(corpus.offsets[:-1], dtype=np.int64), np.diff(corpus.offsets).astype(np.int64), no_marker,
@@ -337,7 +345,7 @@ class LmSeqsDataset(Dataset):
         self._set_chunks(self.starts[served], self.lengths[served], self.add_start[served], self.add_end[served])
 
     def _check(self) -> None:
-        """Raise unless every sequence is non-empty and starts and ends with the markers."""
+        """Raise unless every sequence is non-empty and starts and ends with the markers (those it has)."""
         if len(self) == 0:
             raise UserError("no sequence left after cleaning: the data holds only short or unknown-heavy sequences")
         if (self.lengths <= 0).any():
@@ -347,6 +355,8 @@ class LmSeqsDataset(Dataset):
             ("start", "start marker", self.start_id, self.add_start, self.token_ids[self.starts]),
             ("end", "end marker", self.end_id, self.add_end, self.token_ids[ends - 1]),
         ):
+            if expected is None:
+                continue
             wrong = np.flatnonzero((ids != expected) & ~added)
             if wrong.size:
                 raise UserError(

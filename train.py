@@ -56,6 +56,9 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
@@ -75,6 +78,7 @@ from evaluation import Evaluator, build_eval_batches, check_token_ids, load_bina
 from lm_seqs_dataset import LmSeqsDataset
 from run_folder import RunFolderLock
 from scripts.cli_flags import ArgumentParser, out_of_range
+from scripts.model_families import auto_markers, embeddable_positions
 from scripts.token_data import load_token_counts
 from utils import (
     DIST_TIMEOUT_S,
@@ -90,27 +94,31 @@ from utils import (
     special_token_ids,
 )
 
-STUDENT_CLASSES = {
+AUTO = "auto"  # [+] any architecture: the classes come from the config, the markers from the tokenizer
+MODEL_CLASSES = {
     "distilbert": (DistilBertConfig, DistilBertForMaskedLM),
-    "bert": (BertConfig, BertForMaskedLM),  # [+] a BERT student: MLM pretraining of a teacher (quickstart.py)
-    "roberta": (RobertaConfig, RobertaForMaskedLM),
-    "gpt2": (GPT2Config, GPT2LMHeadModel),
-}
-TEACHER_CLASSES = {
     "bert": (BertConfig, BertForMaskedLM),
     "roberta": (RobertaConfig, RobertaForMaskedLM),
     "gpt2": (GPT2Config, GPT2LMHeadModel),
 }
+# [+] a BERT student: MLM pretraining of a teacher (quickstart.py)
+STUDENT_TYPES = ("distilbert", "bert", "roberta", "gpt2", AUTO)
+TEACHER_TYPES = ("bert", "roberta", "gpt2", AUTO)
 POSITION_EMBEDDINGS = {
     "distilbert": "distilbert.embeddings.position_embeddings",
     "roberta": "roberta.embeddings.position_embeddings",
     "gpt2": "transformer.wpe",
 }
+# How learned position embeddings are named across families (BERT-like, GPT-2, OPT...).
+LEARNED_POSITION_NAMES = ("position_embeddings.weight", "wpe.weight", "embed_positions.weight")
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Special-token roles the batches are built from: markers and padding of the dataset, mask of MLM.
 REQUIRED_ROLES = {
     True: ("cls_token", "sep_token", "pad_token", "mask_token"),  # --mlm
     False: ("bos_token", "eos_token", "unk_token"),
 }
+# With an auto teacher the markers are what its tokenizer adds; only these roles are needed.
+AUTO_REQUIRED_ROLES = {True: ("pad_token", "mask_token"), False: ()}
 # The range of every numeric flag, as out_of_range's (low, high, low_open, high_open): checked before
 # anything else, so that NaN, infinities and impossible values never reach the optimizer, the sampler,
 # the masking or the random generators.
@@ -176,9 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         "memory-mapped (one copy in the page cache for every process of the machine).",
     )
 
-    parser.add_argument("--student_type", type=str, choices=list(STUDENT_CLASSES), required=True,
+    parser.add_argument("--student_type", type=str, choices=STUDENT_TYPES, required=True,
         help="Student architecture. [+] 'bert' trains a BERT-architecture model (e.g. pretraining a small teacher "
-        "with --alpha_mlm only).",
+        "with --alpha_mlm only). [+] 'auto': any architecture, its class from --student_config's model_type "
+        "(AutoModelForMaskedLM with --mlm, AutoModelForCausalLM otherwise), e.g. the config.json that "
+        "scripts/extract.py --model_type auto writes.",
     )
     parser.add_argument("--student_config", type=str, required=True, help="Path to the student's config (JSON).")
     parser.add_argument(
@@ -188,7 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="Initial student weights: a torch.save state dict (e.g. from scripts/extract_distilbert.py), "
         "a .safetensors file or a save_pretrained folder.",
     )
-    parser.add_argument("--teacher_type", choices=["bert", "roberta", "gpt2"], required=True)
+    parser.add_argument(
+        "--teacher_type", choices=TEACHER_TYPES, required=True,
+        help="Teacher architecture. [+] 'auto': any masked (--mlm) or causal LM, e.g. ModernBERT, XLM-R, Llama, "
+        "Qwen, GPT-NeoX; sequences then carry the markers its tokenizer adds (scripts/binarized_data.py "
+        "--tokenizer_type auto).",
+    )
+    parser.add_argument(
+        "--teacher_dtype", choices=list(TEACHER_DTYPES), default=None,
+        help="[+] Hold the frozen teacher's weights in this type (bfloat16/float16: half the memory, faster on "
+        "GPUs). Default: as from_pretrained loads it (the checkpoint's type).",
+    )
     parser.add_argument("--teacher_name", type=str, required=True, help="Teacher: hub name or local folder.")
 
     parser.add_argument("--temperature", default=2.0, type=float, help="Softmax temperature of the ce loss.")
@@ -347,17 +367,28 @@ def sanity_checks(args: Namespace) -> None:
                 f"--mlm needs --token_counts, an existing file (got {args.token_counts!r}); "
                 "make it with scripts/token_counts.py"
             )
-        if args.student_type not in ("distilbert", "roberta", "bert"):
-            raise UserError(f"--mlm needs --student_type distilbert, roberta or bert (got {args.student_type})")
-        if args.teacher_type not in ("bert", "roberta"):
-            raise UserError(f"--mlm needs --teacher_type bert or roberta (got {args.teacher_type})")
+        if args.student_type not in ("distilbert", "roberta", "bert", AUTO):
+            raise UserError(
+                f"--mlm needs --student_type distilbert, roberta or bert (got {args.student_type}), or auto for any "
+                "masked-LM architecture"
+            )
+        if args.teacher_type not in ("bert", "roberta", AUTO):
+            raise UserError(
+                f"--mlm needs --teacher_type bert or roberta (got {args.teacher_type}), or auto for any masked LM"
+            )
     else:
-        if args.student_type != "gpt2":
-            raise UserError(f"causal LM (no --mlm) needs --student_type gpt2 (got {args.student_type}); or add --mlm")
-        if args.teacher_type != "gpt2":
-            raise UserError(f"causal LM (no --mlm) needs --teacher_type gpt2 (got {args.teacher_type}); or add --mlm")
+        if args.student_type not in ("gpt2", AUTO):
+            raise UserError(
+                f"causal LM (no --mlm) needs --student_type gpt2 (got {args.student_type}), or auto for any causal "
+                "LM; or add --mlm"
+            )
+        if args.teacher_type not in ("gpt2", AUTO):
+            raise UserError(
+                f"causal LM (no --mlm) needs --teacher_type gpt2 (got {args.teacher_type}), or auto for any causal "
+                "LM; or add --mlm"
+            )
     expected_teacher = "bert" if args.student_type == "distilbert" else args.student_type
-    if args.teacher_type != expected_teacher:
+    if AUTO not in (args.student_type, args.teacher_type) and args.teacher_type != expected_teacher:
         raise UserError(
             f"--student_type {args.student_type} needs --teacher_type {expected_teacher} (got {args.teacher_type})"
         )
@@ -428,14 +459,23 @@ def check_resume(args: Namespace) -> None:
         )
 
 
-def required_special_token_ids(tokenizer: PreTrainedTokenizerBase, mlm: bool) -> dict[str, int]:
+def model_classes(model_type: str, mlm: bool) -> tuple[type, type]:
+    """(config class, model class) of a --student_type or --teacher_type; auto: chosen by the config's model_type,
+    with a masked-LM head under --mlm and a causal one otherwise."""
+    if model_type == AUTO:
+        return AutoConfig, AutoModelForMaskedLM if mlm else AutoModelForCausalLM
+    return MODEL_CLASSES[model_type]
+
+
+def required_special_token_ids(tokenizer: PreTrainedTokenizerBase, args: Namespace) -> dict[str, int]:
     """{role name: id} of the tokenizer's special tokens, e.g. {"cls_token": 101, ...}.
 
     Raises:
         UserError: when a role the batches need (markers, padding, mask) is missing.
     """
     ids = special_token_ids(tokenizer)
-    missing = [role for role in REQUIRED_ROLES[mlm] if role not in ids]
+    required = AUTO_REQUIRED_ROLES[args.mlm] if args.teacher_type == AUTO else REQUIRED_ROLES[args.mlm]
+    missing = [role for role in required if role not in ids]
     if missing:
         raise UserError(f"the tokenizer of --teacher_name has no {', '.join(missing)}; it cannot be used here")
     return ids
@@ -457,19 +497,16 @@ def token_probs_from_counts(counts: Sequence[int], special_ids: Iterable[int], s
     return torch.from_numpy(probs).float()
 
 
-def teacher_positions(config: PretrainedConfig, teacher_type: str) -> int:
-    """How many positions the teacher can embed (RoBERTa's position ids start after its padding id)."""
-    if teacher_type == "roberta":
-        return config.max_position_embeddings - config.pad_token_id - 1
-    return config.max_position_embeddings
-
-
 def max_model_input_size(args: Namespace, tokenizer: PreTrainedTokenizerBase, teacher_config: PretrainedConfig) -> int:
     """--max_model_input_size, else the tokenizer's model_max_length capped by the teacher's positions."""
-    positions = teacher_positions(teacher_config, args.teacher_type)
+    positions = embeddable_positions(teacher_config)
     if args.max_model_input_size is None:
-        return min(tokenizer.model_max_length, positions)
-    if args.max_model_input_size > positions:
+        size = min(tokenizer.model_max_length, positions or tokenizer.model_max_length)
+        if size > 1_000_000:  # transformers' "no limit" sentinel: neither the tokenizer nor the config knows
+            raise UserError("neither the teacher's tokenizer nor its config gives a maximum length: pass "
+                            "--max_model_input_size")
+        return size
+    if positions is not None and args.max_model_input_size > positions:
         raise UserError(
             f"--max_model_input_size {args.max_model_input_size} exceeds the teacher's {positions} positions"
         )
@@ -485,18 +522,20 @@ def load_tokenizer(args: Namespace) -> PreTrainedTokenizerBase:
 
 
 def load_teacher(args: Namespace, with_weights: bool) -> tuple[nn.Module | None, PretrainedConfig]:
-    """The teacher model and its config; its weights are checked to be finite.
+    """The teacher model (frozen, in --teacher_dtype when given) and its config; its weights are checked to be finite.
 
     Without weights only the config is read: a run with no teacher term never runs the teacher.
     """
-    config_class, model_class = TEACHER_CLASSES[args.teacher_type]
+    config_class, model_class = model_classes(args.teacher_type, args.mlm)
+    dtype = {} if args.teacher_dtype is None else {"dtype": TEACHER_DTYPES[args.teacher_dtype]}
     try:
         if not with_weights:
             return None, config_class.from_pretrained(args.teacher_name)
-        teacher = model_class.from_pretrained(args.teacher_name)
+        teacher = model_class.from_pretrained(args.teacher_name, **dtype)
     except MODEL_LOAD_ERRORS as err:
         raise load_failure(f"a {args.teacher_type} teacher from --teacher_name {args.teacher_name!r}", args.teacher_name,
                            err) from err
+    teacher.requires_grad_(False)
     check_finite(teacher, f"the teacher --teacher_name {args.teacher_name!r}")
     return teacher, teacher.config
 
@@ -523,9 +562,12 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def read_student_config(args: Namespace) -> PretrainedConfig:
     """--student_config, refused in one line when it is not a JSON object of that family or is inconsistent."""
-    config_class, model_class = STUDENT_CLASSES[args.student_type]
+    config_class, _ = model_classes(args.student_type, args.mlm)
     try:
-        config = config_class.from_json_file(args.student_config)
+        if args.student_type == AUTO:
+            config = AutoConfig.from_pretrained(args.student_config)
+        else:
+            config = config_class.from_json_file(args.student_config)
     except MODEL_LOAD_ERRORS as err:
         raise UserError(f"could not read --student_config {args.student_config!r}: {' '.join(str(err).split())}") from err
     return config
@@ -539,18 +581,21 @@ def build_student(args: Namespace) -> nn.Module:
     otherwise leave it at random initialisation with two warnings.
     """
     config = read_student_config(args)
-    _, model_class = STUDENT_CLASSES[args.student_type]
+    _, model_class = model_classes(args.student_type, args.mlm)
+    build = model_class.from_config if args.student_type == AUTO else model_class
     weights = args.student_pretrained_weights
     try:
         if weights is None:
             logger.info("Student initialised at random from its config")
-            return model_class(config)
+            return build(config)
         logger.info(f"Loading the student's initial weights from {weights}")
-        if os.path.isdir(weights):
-            student, info = model_class.from_pretrained(weights, config=config, output_loading_info=True)
+        if os.path.isdir(weights):  # trained in float32 whatever type the folder stores
+            student, info = model_class.from_pretrained(
+                weights, config=config, output_loading_info=True, dtype=torch.float32
+            )
             missing, unexpected = info["missing_keys"], info["unexpected_keys"]
         else:
-            student = model_class(config)
+            student = build(config)
             missing, unexpected = student.load_state_dict(_read_state_dict(weights), strict=False)
     except UserError:
         raise
@@ -578,13 +623,22 @@ def build_student(args: Namespace) -> nn.Module:
 
 
 def freeze_embeddings(student: nn.Module, args: Namespace) -> None:
-    """Apply --freeze_pos_embs / --freeze_token_type_embds, and keep sinusoidal DistilBERT positions frozen."""
+    """Apply --freeze_pos_embs / --freeze_token_type_embds, and keep sinusoidal DistilBERT positions frozen.
+
+    An auto student freezes whatever learned position embeddings it has (rotary models have none).
+    """
     if args.student_type == "distilbert" and student.config.sinusoidal_pos_embds:
         # Fixed sinusoids by design; transformers 5 no longer sets requires_grad=False itself.
         student.get_submodule(POSITION_EMBEDDINGS["distilbert"]).weight.requires_grad_(False)
     if args.freeze_pos_embs and args.student_type in ("roberta", "gpt2"):
         logger.info("Freezing the student's position embeddings")
         student.get_submodule(POSITION_EMBEDDINGS[args.student_type]).weight.requires_grad_(False)
+    if args.freeze_pos_embs and args.student_type == AUTO:
+        learned = [name for name, param in student.named_parameters() if name.endswith(LEARNED_POSITION_NAMES)]
+        for name in learned:
+            student.get_parameter(name).requires_grad_(False)
+        logger.info(f"Freezing the student's position embeddings: {learned}" if learned else
+                    "--freeze_pos_embs: the student has no learned position embeddings (rotary?); nothing to freeze")
     if args.freeze_token_type_embds:
         logger.info("Freezing the student's token type embeddings")
         student.roberta.embeddings.token_type_embeddings.weight.requires_grad_(False)
@@ -673,8 +727,14 @@ def run(args: Namespace) -> None:
         elif args.is_master:
             run_folder.check_replaceable(args, run_files)
 
-        args.special_tok_ids = required_special_token_ids(tokenizer, args.mlm)
+        args.special_tok_ids = required_special_token_ids(tokenizer, args)
         logger.info(f"Special tokens {args.special_tok_ids}")
+        if args.teacher_type == AUTO:  # the markers its tokenizer adds (binarized_data.py --tokenizer_type auto)
+            try:
+                args.markers = auto_markers(tokenizer, args.mlm)
+            except ValueError as err:
+                raise UserError(f"the tokenizer of --teacher_name cannot be used with --teacher_type auto: {err}") from err
+            logger.info(f"Sequence markers and padding: {args.markers}")
         needs_teacher = any(getattr(args, f"alpha_{term}") > 0 for term in TEACHER_TERMS)
         if not needs_teacher:
             logger.info("No teacher term (--alpha_ce/mse/cos all 0): the teacher is not loaded, only its config")

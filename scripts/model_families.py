@@ -20,6 +20,9 @@ _PROBE_TEXT = "distil the teacher"
 # Config entries holding one value per layer, e.g. ModernBERT's and Qwen's attention type of each layer
 # ("full_attention" or "sliding_attention"), Llama 4's NoPE flags: a student keeps its chosen layers' values.
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "indexer_types")
+# Model types whose position ids start after the padding id, as RoBERTa's do: two positions fewer to use.
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text")
+
 # Config entries listing layer indices (Qwen-MoE's dense layers): renumbered to the student's indices.
 LAYER_INDEX_LISTS = ("mlp_only_layers",)
 
@@ -58,6 +61,22 @@ def added_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int |
     return (before[0] if before else None), (after[0] if after else None)
 
 
+def auto_markers(tokenizer: PreTrainedTokenizerBase, mlm: bool) -> dict[str, int | None]:
+    """What sequences binarized with --tokenizer_type auto start and end with, and how their batches are padded.
+
+    {"start": id or None, "end": id or None} from `added_markers`, and "pad": the pad id for MLM; for CLM
+    the pad, end-of-sequence or unknown id, whichever the tokenizer has (the original padded GPT-2 with its
+    unknown id): CLM padding comes last, no real position attends to it and it has no label, so its id
+    never matters.
+
+    Raises:
+        ValueError: see `added_markers`.
+    """
+    start, end = added_markers(tokenizer)
+    candidates = [tokenizer.pad_token_id] if mlm else [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id]
+    return {"start": start, "end": end, "pad": next((i for i in candidates if i is not None), 0)}
+
+
 def is_masked_lm(config: PretrainedConfig) -> bool:
     """Whether the family has a masked-LM class (bert, roberta, modernbert, distilbert, ...), not only a causal one.
 
@@ -79,6 +98,15 @@ def auto_lm_class(config: PretrainedConfig) -> type:
     raise ValueError(
         f"a {config.model_type!r} model is not a language model (transformers has no masked or causal LM class for it)"
     )
+
+
+def embeddable_positions(config: PretrainedConfig) -> int | None:
+    """How many positions the model can embed: max_position_embeddings (n_positions), less RoBERTa-style
+    families' padding offset; None when the config does not say."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and config.model_type in PADDING_OFFSET_POSITIONS:
+        return positions - config.pad_token_id - 1
+    return positions
 
 
 def depth(config: PretrainedConfig) -> int:

@@ -19,6 +19,7 @@ import assets
 import run_folder
 import train
 from cli_checks import FAMILY_FLAGS, STUDENT_OF, base_argv, error_line, run_cli, run_main, with_flags
+from scripts.model_families import embeddable_positions
 from utils import UserError
 
 # train.main installs torchelastic's error handler, which cannot reach a file descriptor under pytest's capture.
@@ -413,7 +414,7 @@ def test_special_token_ids_and_max_input_size(teacher_dirs):
     with pytest.raises(UserError, match="no bos_token, eos_token"):
         train.required_special_token_ids(bert, mlm=False)
     roberta = AutoModelForMaskedLM.from_pretrained(teacher_dirs["roberta"])
-    assert train.teacher_positions(roberta.config, "roberta") == assets.MAX_LEN
+    assert embeddable_positions(roberta.config) == assets.MAX_LEN
     params = assets.distiller_params("unused", teacher_type="roberta", max_model_input_size=None)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dirs["roberta"])
     tokenizer.model_max_length = 10**30  # hub tokenizers without a limit report a huge number
