@@ -467,14 +467,17 @@ def model_classes(model_type: str, mlm: bool) -> tuple[type, type]:
     return MODEL_CLASSES[model_type]
 
 
-def required_special_token_ids(tokenizer: PreTrainedTokenizerBase, args: Namespace) -> dict[str, int]:
+def required_special_token_ids(tokenizer: PreTrainedTokenizerBase, mlm: bool, auto: bool = False) -> dict[str, int]:
     """{role name: id} of the tokenizer's special tokens, e.g. {"cls_token": 101, ...}.
+
+    `auto`: an auto teacher's tokenizer, whose markers are what it adds, so only padding and the mask of
+    MLM are required.
 
     Raises:
         UserError: when a role the batches need (markers, padding, mask) is missing.
     """
     ids = special_token_ids(tokenizer)
-    required = AUTO_REQUIRED_ROLES[args.mlm] if args.teacher_type == AUTO else REQUIRED_ROLES[args.mlm]
+    required = AUTO_REQUIRED_ROLES[mlm] if auto else REQUIRED_ROLES[mlm]
     missing = [role for role in required if role not in ids]
     if missing:
         raise UserError(f"the tokenizer of --teacher_name has no {', '.join(missing)}; it cannot be used here")
@@ -727,7 +730,7 @@ def run(args: Namespace) -> None:
         elif args.is_master:
             run_folder.check_replaceable(args, run_files)
 
-        args.special_tok_ids = required_special_token_ids(tokenizer, args)
+        args.special_tok_ids = required_special_token_ids(tokenizer, args.mlm, auto=args.teacher_type == AUTO)
         logger.info(f"Special tokens {args.special_tok_ids}")
         if args.teacher_type == AUTO:  # the markers its tokenizer adds (binarized_data.py --tokenizer_type auto)
             try:

@@ -109,7 +109,7 @@ def test_a_tokenizer_that_adds_no_marker_trains_on_bare_ids(auto_inputs, auto_te
     """GPT-NeoX's tokenizer adds nothing: no marker is checked or re-added to split chunks; padding is its eos."""
     args = train.build_parser().parse_args(auto_argv(auto_inputs, "gpt_neox", "unused"))
     tokenizer = AutoTokenizer.from_pretrained(auto_teacher_dirs["gpt_neox"])
-    args.special_tok_ids = train.required_special_token_ids(tokenizer, args)
+    args.special_tok_ids = train.required_special_token_ids(tokenizer, mlm=False, auto=True)
     args.markers = train.auto_markers(tokenizer, mlm=False)
     args.max_model_input_size, args.is_master = 16, True
     assert args.markers == {"start": None, "end": None, "pad": tokenizer.eos_token_id}
