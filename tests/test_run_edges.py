@@ -23,7 +23,7 @@ import evaluation
 import train
 from cli_checks import base_argv, child_env, error_line, run_cli, run_main, with_flags
 from scripts.cli_flags import ArgumentParser
-from utils import UserError
+from utils import UserError, run_command
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
@@ -204,28 +204,27 @@ def test_evaluation_refuses_ids_outside_the_vocabulary(bad_id, dtype, mmap, fami
     assert f"--data_file {data_file!r} holds token id {bad_id}, outside the vocabulary of {vocab} entries" in str(error.value)
 
 
-def test_evaluation_command_reports_a_bad_id_in_one_line(family_inputs, teacher_dirs, tmp_path):
+def test_evaluation_command_reports_a_bad_id_in_one_line(family_inputs, teacher_dirs, tmp_path, capsys):
     data_file = _ids_file(tmp_path, family_inputs, 401)
-    script = Path(evaluation.__file__)
     argv = ["--data_file", data_file, "--student", str(teacher_dirs["bert"]), "--tokenizer_name",
             str(teacher_dirs["bert"])]
-    result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
-                            env=child_env(script.parent), timeout=120)
-    assert result.returncode == 1 and "holds token id 401" in error_line(result.stderr)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(lambda: evaluation.main(argv))  # what `python evaluation.py` runs
+    assert exit_info.value.code == 1 and "holds token id 401" in error_line(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- nothing non-finite reaches a checkpoint
 
 
-def test_weights_that_overflow_stop_the_run_and_the_files_on_disk_are_finite(family_inputs, tmp_path):
+def test_weights_that_overflow_stop_the_run_and_the_files_on_disk_are_finite(family_inputs, tmp_path, capsys):
     # The largest learning rate and decay the flags allow: each step multiplies the weights by -1e6, so within
     # a few steps they (or the logits, the loss, the gradients) leave float32's range.
     dump = tmp_path / "dump"
     argv = with_flags(bert_argv(family_inputs, dump), {"--learning_rate": "1e3", "--weight_decay": "1e3",
                                                        "--warmup_prop": "0", "--checkpoint_interval": "2"})
-    result = run_cli(argv, cwd=tmp_path)
-    assert result.returncode == 1
-    line = error_line(result.stderr)
+    status, stderr = run_main(argv, capsys)
+    assert status == 1
+    line = error_line(stderr)
     assert "is not finite at iteration" in line and "last good ones" in line
     for name in ("checkpoint.pth", "training_state.pth", "pytorch_model.bin", "model.safetensors"):
         if (dump / name).exists():
