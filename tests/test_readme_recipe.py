@@ -35,6 +35,7 @@ README = REPO_ROOT / "README.md"
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
 LINKED = ("scripts", "train.py", "evaluation.py", "training_configs")  # what the commands name in the repo
 MODEL_NAME_FLAGS = ("--tokenizer_name", "--model_name", "--teacher_name")
+HELD_OUT_LINES = 40  # of the test corpus's 400
 PARSERS = {
     "scripts/binarized_data.py": binarized_data.build_parser,
     "scripts/token_counts.py": token_counts.build_parser,
@@ -90,14 +91,20 @@ def flag_values(argv: list[str], flag: str) -> Iterator[list[str]]:
             yield values
 
 
-def only_value(commands: list[list[str]], flag: str) -> str:
-    """The single value `flag` takes across `commands` (asserting there is one)."""
-    values = {value for argv in commands for values in flag_values(argv, flag) for value in values}
-    assert len(values) == 1, f"expected one value of {flag} in the README's tiny block, got {sorted(values)}"
+def values_of(commands: list[list[str]], *flags: str) -> list[str]:
+    """Every value any of `flags` takes across `commands`, in order."""
+    return [value for argv in commands for flag in flags for values in flag_values(argv, flag) for value in values]
+
+
+def only_value(commands: list[list[str]], *flags: str) -> str:
+    """The single value `flags` take across `commands` (asserting there is one)."""
+    values = set(values_of(commands, *flags))
+    assert len(values) == 1, f"expected one value of {'/'.join(flags)} in the README's tiny block, got {sorted(values)}"
     return values.pop()
 
 
 def script_of(argv: list[str]) -> str:
+    """The script a recipe command runs (`python <script> ...`), one of PARSERS'."""
     assert argv[0] == "python" and argv[1] in PARSERS, f"not a command of the recipe: {shlex.join(argv)}"
     return argv[1]
 
@@ -111,18 +118,15 @@ def tiny_recipe(tmp_path_factory, corpus_lines, tokenizer_dirs) -> dict:
     for name in LINKED:
         (work / name).symlink_to(REPO_ROOT / name)
 
-    teacher_names = {value for argv in commands for flag in MODEL_NAME_FLAGS for values in flag_values(argv, flag)
-                     for value in values}
-    assert len(teacher_names) == 1, f"the tiny block should name one teacher, not {sorted(teacher_names)}"
-    teacher_name = teacher_names.pop()
-    layers = [int(layer) for argv in commands for values in flag_values(argv, "--layers") for layer in values]
+    teacher_name = only_value(commands, *MODEL_NAME_FLAGS)  # the README's is a BERT: so is the local one
+    layers = [int(layer) for layer in values_of(commands, "--layers")]
     assets.build_teacher("bert", work / teacher_name, tokenizer_dirs["bert"], n_layers=max(layers) + 2)
 
-    text_files = [Path(value) for argv in commands for values in flag_values(argv, "--file_path") for value in values]
+    text_files = [Path(value) for value in values_of(commands, "--file_path")]
     held_out = [path for path in text_files if "held" in path.name]
     assert held_out and len(held_out) < len(text_files), f"expected a training and a held-out file, got {text_files}"
     for path in text_files:
-        lines = corpus_lines[360:] if path in held_out else corpus_lines[:360]
+        lines = corpus_lines[-HELD_OUT_LINES:] if path in held_out else corpus_lines[:-HELD_OUT_LINES]
         (work / path).parent.mkdir(parents=True, exist_ok=True)
         (work / path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -144,8 +148,8 @@ def test_the_tiny_recipe_runs_as_printed_and_its_student_is_a_model_folder(tiny_
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "training_state.pth"):
         assert (dump / name).is_file(), f"{name} missing from the student folder"
     config = json.loads((dump / "config.json").read_text())
-    extracted = [values for argv in tiny_recipe["commands"] for values in flag_values(argv, "--layers")]
-    assert config["num_hidden_layers"] == len(extracted[0]), "the student has the layers the README extracts"
+    extracted = values_of(tiny_recipe["commands"], "--layers")
+    assert config["num_hidden_layers"] == len(extracted), "the student has the layers the README extracts"
 
 
 def test_the_recipes_evaluation_prints_figures_of_student_and_teacher(tiny_recipe):
