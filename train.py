@@ -3,15 +3,18 @@
 Usage (data from scripts/binarized_data.py and scripts/token_counts.py, optional student
 initialisation from scripts/extract_distilbert.py or scripts/extract.py):
 
-CPU, one process (--n_gpu 0):
+CPU, one process (--n_gpu 0), sized for a CPU: the defaults --gradient_accumulation_steps 50 and
+--log_interval 500 are the original's GPU-sized values, with which a CPU run shows nothing for long:
     python train.py --n_gpu 0 --force --dump_path serialization_dir/cpu_run \\
         --student_type distilbert --student_config training_configs/distilbert-base-uncased.json \\
         --teacher_type bert --teacher_name bert-base-uncased \\
         --alpha_ce 5.0 --alpha_mlm 2.0 --alpha_cos 1.0 --alpha_clm 0.0 --mlm --freeze_pos_embs \\
         --data_file data/binarized_text.bert-base-uncased.pickle \\
-        --token_counts data/token_counts.bert-base-uncased.pickle
+        --token_counts data/token_counts.bert-base-uncased.pickle \\
+        --n_epoch 1 --batch_size 8 --gradient_accumulation_steps 2 --log_interval 10
 
-One GPU: the same command with --n_gpu 1 (the default).
+One GPU: the same command with --n_gpu 1 (the default), without its last line.
+Any other teacher (--teacher_type auto, --student_type auto): the recipe in README.md.
 
 N GPUs on one node with torchrun (one process per GPU, NCCL):
     torchrun --nproc_per_node 4 train.py --n_gpu 4 --force --dump_path serialization_dir/my_first_training ...
@@ -25,10 +28,11 @@ Several CPU processes over gloo (tests, debugging the distributed path without a
     torchrun --nproc_per_node 2 train.py --n_gpu 0 ...
 
 Only the master process (node 0, local rank 0) writes to --dump_path: parameters.json, git_log.json,
-config.json, checkpoint.pth, model_epoch_<e>.pth, pytorch_model.bin, the save_pretrained files, the
-tensorboard log in log/train and training_state.pth. Bad flags or files give one `error: ...` line and
-exit status 1; every file is written to a temporary name and renamed, so a crash never damages one. The
-master locks --dump_path while it runs: a second run into the same folder stops with an error.
+config.json, checkpoint.pth, model_epoch_<e>.pth, pytorch_model.bin, training_state.pth, the tensorboard
+log in log/train, and at the end a complete model folder (save_pretrained weights, the teacher's tokenizer,
+a model card README.md). Bad flags or files give one `error: ...` line and exit status 1; every file is
+written to a temporary name and renamed, so a crash never damages one. The master locks --dump_path
+while it runs: a second run into the same folder stops with an error.
 
 Interrupted runs continue where they stopped, bit for bit: run the same command with --resume instead
 of --force (the same launcher and number of processes too). SIGTERM or SIGINT (Ctrl-C) makes a run save
@@ -162,11 +166,16 @@ NOT_COMPARED_ON_RESUME = ("dump_path", "force", "resume", "local_rank", *MAY_CHA
 MIN_WEIGHT_COVERAGE = 0.5
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default, and the usage commands of the epilog as written (not re-wrapped)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of the original train.py with its default, plus --bf16 and --max_model_input_size."""
     parser = ArgumentParser(
         description="Distil a teacher language model into a student (DistilBERT / DistilRoBERTa / DistilGPT2).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=__doc__,  # the usage commands, a CPU-sized one first
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--force", action="store_true", help="Replace --dump_path if it already exists.")
     parser.add_argument(
@@ -258,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient_accumulation_steps",
         type=int,
         default=50,
-        help="Micro-batches per optimizer step (effective batch = batch_size x this x processes).",
+        help="Micro-batches per optimizer step (effective batch = batch_size x this x processes); "
+        "the default is the original's GPU-sized value, 2 suits a small CPU run.",
     )
     parser.add_argument("--warmup_prop", default=0.05, type=float, help="Fraction of the steps for linear warm-up.")
     parser.add_argument("--weight_decay", default=0.0, type=float, help="AdamW weight decay (not on biases/norms).")
@@ -328,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval_interval", type=int, default=0, help="[+] Evaluate every N micro-batches too (0: at epoch ends only)."
     )
-    parser.add_argument("--log_interval", type=int, default=500, help="Tensorboard log every N micro-batches.")
+    parser.add_argument(
+        "--log_interval", type=int, default=500,
+        help="Tensorboard log (and progress bar refresh) every N micro-batches; 10 suits a small CPU run.",
+    )
     parser.add_argument(
         "--checkpoint_interval",
         type=int,
