@@ -39,7 +39,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from cli_utils import ScriptError, atomic_output, bounded_map, run_cli
+from cli_utils import ScriptError, atomic_output, atomic_outputs, bounded_map, check_output_path, run_cli
 from token_data import MMAP_SUFFIX, dump_token_id_arrays, mmap_files
 
 if TYPE_CHECKING:
@@ -125,9 +125,7 @@ def check_paths(args: argparse.Namespace) -> None:
         raise ScriptError(f"--file_path {args.file_path!r} is empty")
     if not has_text(source):
         raise ScriptError(f"--file_path {args.file_path!r} has no non-blank line")
-    target = output_path(args.dump_file, args.tokenizer_name)
-    if not target.parent.is_dir():
-        raise ScriptError(f"--dump_file {args.dump_file!r}: folder {str(target.parent)!r} does not exist")
+    check_output_path("--dump_file", output_path(args.dump_file, args.tokenizer_name, args.format))
     if args.workers < 1:
         raise ScriptError(f"--workers must be at least 1 (got {args.workers})")
     if args.batch_size < 1:
@@ -388,14 +386,12 @@ def mmap_output(ids_path: str | os.PathLike, dtype: np.dtype) -> Iterator[MmapWr
     """An MmapWriter into temporary files beside the three of `ids_path`, renamed to them if the block completes.
 
     On an error all three temporary files are removed and earlier files under the final names stay
-    untouched. The order file is renamed first and the ids file last.
+    untouched; the three are renamed only once all are written.
     """
-    with ExitStack() as stack:
-        handles = {}
-        for part, path in mmap_files(ids_path).items():
-            tmp = stack.enter_context(atomic_output(path))
-            handles[part] = stack.enter_context(open(tmp, "wb"))  # closed before its file is renamed
-        yield MmapWriter(handles, dtype)
+    files = mmap_files(ids_path)
+    with atomic_outputs(list(files.values())) as tmps, ExitStack() as stack:
+        handles = {part: stack.enter_context(open(tmp, "wb")) for part, tmp in zip(files, tmps)}
+        yield MmapWriter(handles, dtype)  # the handles close before the files are renamed
 
 
 def write_pickle(encoded: Iterable[tuple[np.ndarray, np.ndarray]], target: Path, seed: int) -> tuple[int, int]:

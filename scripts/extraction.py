@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-from cli_utils import ScriptError, atomic_output
+from cli_utils import ScriptError, atomic_output, check_output_path
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
@@ -226,10 +227,15 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str) -> None:
     except OSError as err:
         raise ScriptError(f"--dump_checkpoint {path!r}: cannot create its folder ({err.strerror or err})") from err
     with atomic_output(target) as tmp:
-        if target.suffix == ".safetensors":
-            save_file(state, tmp, metadata={"format": "pt"})
-        else:
-            torch.save(state, tmp)
+        try:
+            if target.suffix == ".safetensors":
+                save_file(state, tmp, metadata={"format": "pt"})
+            else:
+                torch.save(state, tmp)
+        # A full disk is a RuntimeError from torch.save and a SafetensorError from save_file, not an OSError.
+        except (RuntimeError, SafetensorError) as err:
+            detail = str(err).strip().splitlines()[-1].rsplit("] ", 1)[-1] if str(err).strip() else type(err).__name__
+            raise ScriptError(f"could not write {path!r}, is the disk full? ({detail.strip(' .')})") from err
 
 
 def extract(args: argparse.Namespace, tables: Mapping[str, KeyTable]) -> None:
@@ -241,6 +247,7 @@ def extract(args: argparse.Namespace, tables: Mapping[str, KeyTable]) -> None:
         args: parsed flags with `resolve_defaults` applied.
         tables: the script's key table per `--model_type`.
     """
+    check_output_path("--dump_checkpoint", args.dump_checkpoint, create_folders=True)
     table = tables[args.model_type]
     config = load_teacher_config(args.model_name, table.model_type)
     check_layers(args.layers, config.num_hidden_layers)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_utils import ScriptError, atomic_output, bounded_map, run_cli
+from cli_utils import ScriptError, atomic_output, bounded_map, check_output_path, run_cli
 from token_data import is_mmap_file, load_token_id_arrays, load_token_id_mmap
 
 logger = logging.getLogger("token_counts")
@@ -161,8 +161,7 @@ def _check_ids(ids: np.ndarray, vocab_size: int, largest: Callable[[], int]) -> 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     target = Path(args.token_counts_dump)
-    if not target.parent.is_dir():
-        raise ScriptError(f"--token_counts_dump {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    check_output_path("--token_counts_dump", target)
     logger.info("Loading binarized data from %s", args.data_file)
     if is_mmap_file(args.data_file):
         ids = load_token_id_mmap(args.data_file).ids

@@ -1,0 +1,165 @@
+"""Every script's failures at the edges are one line: writes that fail, and flag values that cannot work.
+
+Write faults are real, not mocked: the scripts run in a child process whose file size limit is
+lowered (RLIMIT_FSIZE, with SIGXFSZ ignored, so a write past it fails with EFBIG as on a full disk)
+and which has given up the capabilities that let root write anywhere (CAP_DAC_OVERRIDE and
+CAP_DAC_READ_SEARCH), so that a folder of mode 0o555 refuses it as it refuses any user. Tests run
+as root here and in CI, where chmod alone would not stop a write.
+
+Run as a script, this file is that child: it reads its cases as JSON on stdin and prints the exit
+status and stderr of each on stdout.
+"""
+
+import ctypes
+import importlib
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import traceback
+from contextlib import redirect_stderr
+from pathlib import Path
+
+FILE_SIZE_LIMIT = 4096  # bytes: below every output of the cases, above nothing else the scripts write
+SCRIPTS = ("binarized_data", "binarized_data_mmap", "token_counts", "convert_to_mmap", "extract", "extract_distilbert")
+FAULTS = {  # what the single error line must say
+    "full_disk": "could not write",  # and for torch.save and safetensors, "is the disk full?"
+    "unwritable_folder": "cannot write in folder",
+    "parent_is_file": "is a file, not a folder",
+}
+
+
+# ---------------------------------------------------------------- the child
+
+
+def give_up_root_file_access() -> None:
+    """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that file modes bind this process even as root."""
+    if os.geteuid() != 0:
+        return
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Sets(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, sets = Header(0x20080522, 0), (Sets * 2)()  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words
+    if libc.capget(ctypes.byref(header), sets) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    keep = ~(1 << 1 | 1 << 2) & 0xFFFFFFFF  # all but CAP_DAC_OVERRIDE (1) and CAP_DAC_READ_SEARCH (2)
+    sets[0].effective &= keep
+    sets[0].permitted &= keep
+    if libc.capset(ctypes.byref(header), sets) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def run_cases_under_faults(cases: dict[str, list]) -> dict[str, tuple[int | str, str]]:
+    """Run each case `{name: [module, argv]}` as its command line would, under the faults; (status, stderr)."""
+    from cli_utils import run_cli
+
+    give_up_root_file_access()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    results = {}
+    for name, (module, argv) in cases.items():
+        stderr = io.StringIO()
+        with redirect_stderr(stderr):
+            try:
+                run_cli(importlib.import_module(module).main, argv)
+                status = 0
+            except SystemExit as exit_info:
+                status = exit_info.code
+            except BaseException:  # what `python scripts/<module>.py` would show as a traceback
+                traceback.print_exc()
+                status = "traceback"
+        results[name] = (status, stderr.getvalue())
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_cases_under_faults(json.load(sys.stdin))))
+    sys.exit(0)
+
+
+# ---------------------------------------------------------------- the tests
+
+import numpy as np  # noqa: E402  (the child above needs none of these)
+import pytest  # noqa: E402
+
+from token_data import dump_token_id_arrays, mmap_files  # noqa: E402
+
+
+def outputs_and_argv(script: str, folder: Path, inputs: dict[str, Path]) -> tuple[list[Path], list[str]]:
+    """The files `script` writes into `folder`, and its module and command line."""
+    if script.startswith("binarized_data"):
+        output_format = "mmap" if script.endswith("mmap") else "pickle"
+        written = folder / f"b.tiny-bert.{'ids.npy' if output_format == 'mmap' else 'pickle'}"
+        argv = ["--file_path", str(inputs["text"]), "--tokenizer_name", str(inputs["bert_tokenizer"]),
+                "--dump_file", str(folder / "b"), "--format", output_format, "--seed", "0"]
+        return (list(mmap_files(written).values()) if output_format == "mmap" else [written]), argv
+    if script == "token_counts":
+        written = folder / "counts.pickle"
+        return [written], ["--data_file", str(inputs["data"]), "--token_counts_dump", str(written),
+                           "--vocab_size", "30522"]
+    if script == "convert_to_mmap":
+        written = folder / "data.ids.npy"
+        return list(mmap_files(written).values()), ["--data_file", str(inputs["data"]), "--mmap_file", str(written)]
+    kind, suffix = ("roberta", "pth") if script == "extract" else ("bert", "safetensors")
+    written = folder / f"student.{suffix}"
+    return [written], ["--model_type", kind, "--model_name", str(inputs[f"{kind}_teacher"]),
+                       "--dump_checkpoint", str(written), "--layers", "0", "1"]
+
+
+@pytest.fixture(scope="module")
+def write_faults(tmp_path_factory, repo_root, corpus_file, tokenizer_dirs, teacher_dirs):
+    """Every script under every fault, run in one child process; {(script, fault): (status, stderr, folder, before)}.
+
+    `before` maps each file of the output folder to its bytes before the run: the earlier outputs the
+    failed run must leave as they were.
+    """
+    root = tmp_path_factory.mktemp("write_faults")
+    rng = np.random.default_rng(0)
+    data = root / "data.pickle"
+    with open(data, "wb") as handle:
+        dump_token_id_arrays([rng.integers(0, 30522, 40).astype(np.uint16) for _ in range(200)], handle)
+    inputs = {"text": corpus_file, "bert_tokenizer": tokenizer_dirs["bert"], "data": data,
+              "bert_teacher": teacher_dirs["bert"], "roberta_teacher": teacher_dirs["roberta"]}
+    cases, prepared = {}, {}
+    for script in SCRIPTS:
+        for fault in FAULTS:
+            folder = root / script / fault
+            written, argv = outputs_and_argv(script, folder, inputs)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            if fault == "parent_is_file":
+                folder.write_text("a file where the output folder should be\n")
+            else:
+                folder.mkdir()
+                for path in written:
+                    path.write_bytes(f"earlier {path.name}".encode())
+            before = {path: path.read_bytes() for path in folder.iterdir()} if folder.is_dir() else {}
+            if fault == "unwritable_folder":
+                folder.chmod(0o555)
+            module = "binarized_data" if script.startswith("binarized_data") else script
+            cases[f"{script}/{fault}"] = [module, argv]
+            prepared[(script, fault)] = (folder, before)
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "scripts"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    child = subprocess.run([sys.executable, __file__], input=json.dumps(cases), capture_output=True, text=True,
+                           env=env, timeout=300, check=True)
+    results = json.loads(child.stdout)
+    return {key: (*results[f"{key[0]}/{key[1]}"], *prepared[key]) for key in prepared}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_failed_write_is_one_line_and_leaves_the_earlier_files(write_faults, script, fault):
+    status, stderr, folder, before = write_faults[(script, fault)]
+    assert status == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert FAULTS[fault] in errors[0] and folder.name in errors[0], errors[0]
+    after = {path: path.read_bytes() for path in folder.iterdir()} if folder.is_dir() else {}
+    assert after == before  # the earlier outputs intact, and no temporary file left
