@@ -39,6 +39,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from cli_flags import ArgumentParser, non_negative_int, positive_int
 from cli_utils import ScriptError, atomic_output, atomic_outputs, bounded_map, check_output_path, run_cli
 from token_data import MMAP_SUFFIX, dump_token_id_arrays, mmap_files
 
@@ -64,7 +65,7 @@ FORMAT_SUFFIXES = {"pickle": ".pickle", "mmap": MMAP_SUFFIX}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Tokenize a text file (one sequence per line) into a pickled list of token id arrays.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -88,15 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         "by train.py (one shared copy per machine), for corpora larger than memory or many processes per machine.",
     )
     parser.add_argument(
-        "--seed", type=int, default=None,
+        "--seed", type=non_negative_int, default=None,
         help="Seed of the shuffle; without it a fresh seed is drawn and logged so the run can be repeated.",
     )
     parser.add_argument(
-        "--workers", type=int, default=1,
+        "--workers", type=positive_int, default=1,
         help="Worker processes encoding in parallel (1: encode in this process, the Rust tokenizer still "
         "uses every core).",
     )
-    parser.add_argument("--batch_size", type=int, default=10_000, help="Lines per batched tokenizer call.")
+    parser.add_argument("--batch_size", type=positive_int, default=10_000, help="Lines per batched tokenizer call.")
     return parser
 
 
@@ -126,10 +127,6 @@ def check_paths(args: argparse.Namespace) -> None:
     if not has_text(source):
         raise ScriptError(f"--file_path {args.file_path!r} has no non-blank line")
     check_output_path("--dump_file", output_path(args.dump_file, args.tokenizer_name, args.format))
-    if args.workers < 1:
-        raise ScriptError(f"--workers must be at least 1 (got {args.workers})")
-    if args.batch_size < 1:
-        raise ScriptError(f"--batch_size must be at least 1 (got {args.batch_size})")
 
 
 def has_text(path: Path) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from binarized_data import mmap_output
+from cli_flags import ArgumentParser
 from cli_utils import ScriptError, check_output_path, run_cli
 from token_data import MMAP_SUFFIX, is_mmap_file, load_token_id_arrays
 
@@ -29,7 +30,7 @@ _GROUP = 1 << 16
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Convert a binarized pickle (list of token id arrays) to the memory-mapped format.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

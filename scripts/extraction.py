@@ -7,13 +7,12 @@ and writes the flat state dict that train.py's `--student_pretrained_weights` re
 
 import argparse
 import logging
-import sys
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import torch
+from cli_flags import ArgumentParser, non_negative_int
 from cli_utils import ScriptError, atomic_output, check_output_path
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -75,14 +74,6 @@ class KeyTable:
         return pairs
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """Usage errors end like every other error of the scripts: the usage, then one `error: ...` line."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise ScriptError(message)
-
-
 def build_parser(
     description: str, model_types: Sequence[str], default_names: Mapping[str, str]
 ) -> argparse.ArgumentParser:
@@ -93,7 +84,7 @@ def build_parser(
         model_types: the `--model_type` choices; the first one is the default.
         default_names: `--model_name` used when the flag is absent, per model type.
     """
-    parser = _ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument(
         "--model_type", default=model_types[0], choices=model_types, help="teacher family (default: %(default)s)"
     )
@@ -119,7 +110,7 @@ def build_parser(
     parser.add_argument(
         "--layers",
         nargs="+",
-        type=int,
+        type=non_negative_int,
         default=list(DEFAULT_LAYERS),
         metavar="LAYER",
         help="teacher layers that become student layers 0, 1, ... (default: %(default)s)",

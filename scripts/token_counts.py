@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli_flags import ArgumentParser, positive_int
 from cli_utils import ScriptError, atomic_output, bounded_map, check_output_path, run_cli
 from token_data import is_mmap_file, load_token_id_arrays, load_token_id_mmap
 
@@ -36,7 +37,7 @@ _SLICE = 1 << 22
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Token id frequencies of binarized data (used to smooth the MLM masking probabilities).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--token_counts_dump", default="data/token_counts.bert-base-uncased.pickle", help="Where to write the counts."
     )
     parser.add_argument(
-        "--vocab_size", default=30522, type=int, help="Length of the counts list: the tokenizer's vocabulary size."
+        "--vocab_size", default=30522, type=positive_int, help="Length of the counts list: the tokenizer's vocabulary size."
     )
     return parser
 

@@ -163,3 +163,37 @@ def test_a_failed_write_is_one_line_and_leaves_the_earlier_files(write_faults, s
     assert FAULTS[fault] in errors[0] and folder.name in errors[0], errors[0]
     after = {path: path.read_bytes() for path in folder.iterdir()} if folder.is_dir() else {}
     assert after == before  # the earlier outputs intact, and no temporary file left
+
+
+# ---------------------------------------------------------------- flag values that cannot work
+
+import binarized_data  # noqa: E402
+import convert_to_mmap  # noqa: E402
+import extract  # noqa: E402
+import extract_distilbert  # noqa: E402
+import token_counts  # noqa: E402
+
+IMPOSSIBLE_FLAGS = [
+    (binarized_data, ["--workers", "0"], "argument --workers: must be >= 1, got 0"),
+    (binarized_data, ["--batch_size", "0"], "argument --batch_size: must be >= 1, got 0"),
+    (binarized_data, ["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (binarized_data, ["--workers", "two"], "argument --workers: expected an integer, got 'two'"),
+    (token_counts, ["--vocab_size", "0"], "argument --vocab_size: must be >= 1, got 0"),
+    (token_counts, ["--vocab_size", "3e4"], "argument --vocab_size: expected an integer, got '3e4'"),
+    (convert_to_mmap, ["--data_file", "x.pickle", "--mmap_files", "y"], "unrecognized arguments: --mmap_files y"),
+    (extract, ["--layers", "0", "-2"], "argument --layers: must be >= 0, got -2"),
+    (extract_distilbert, ["--layers", "zero"], "argument --layers: expected an integer, got 'zero'"),
+    (extract, ["--model_type", "xlnet"], "argument --model_type: invalid choice: 'xlnet'"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), IMPOSSIBLE_FLAGS,
+                         ids=[f"{script.__name__} {' '.join(argv)}" for script, argv, _ in IMPOSSIBLE_FLAGS])
+def test_impossible_flag_values_are_one_line_before_any_work(script, argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # every default output would land here
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert stderr.startswith(f"error: {message}") and stderr.count("\n") == 1, stderr
+    assert list(tmp_path.iterdir()) == []
