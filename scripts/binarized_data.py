@@ -40,7 +40,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from cli_flags import ArgumentParser, non_negative_int, positive_int
-from cli_utils import ScriptError, atomic_output, atomic_outputs, bounded_map, check_output_path, run_cli
+from cli_utils import HUB_OFFLINE_HINT, ScriptError, atomic_output, atomic_outputs, bounded_map, check_output_path, run_cli
 from token_data import MMAP_SUFFIX, dump_token_id_arrays, mmap_files
 
 if TYPE_CHECKING:
@@ -216,7 +216,8 @@ def load_tokenizer(name: str) -> "PreTrainedTokenizerBase":
     # transformers reports "not a tokenizer" as OSError, ValueError, KeyError... depending on what is missing.
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ScriptError(f"--tokenizer_name {name!r} could not be loaded as a tokenizer: {first_line}") from err
+        hint = "" if Path(name).exists() else f"; {HUB_OFFLINE_HINT}"
+        raise ScriptError(f"--tokenizer_name {name!r} could not be loaded as a tokenizer: {first_line}{hint}") from err
     if not getattr(tokenizer, "is_fast", False):
         raise ScriptError(f"--tokenizer_name {name!r} has no fast (Rust) tokenizer, which batched encoding needs")
     return tokenizer

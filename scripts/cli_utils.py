@@ -25,6 +25,10 @@ class ScriptError(Exception):
     """A problem with the user's input: printed as one line, exit status 1."""
 
 
+# For errors about a hub name: without a network, huggingface_hub retries for minutes before failing.
+HUB_OFFLINE_HINT = "on a machine without network, HF_HUB_OFFLINE=1 makes this fail at once"
+
+
 def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
     """Run a script's `main` with logging set up; a ScriptError or TokenDataError becomes `error: ...` and exit 1."""
     logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, level=logging.INFO)

@@ -7,13 +7,14 @@ and writes the flat state dict that train.py's `--student_pretrained_weights` re
 
 import argparse
 import logging
+import pickle
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from cli_flags import ArgumentParser, non_negative_int
-from cli_utils import ScriptError, atomic_output, check_output_path
+from cli_utils import HUB_OFFLINE_HINT, ScriptError, atomic_output, check_output_path
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
@@ -145,6 +146,21 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def _weights_failure(err: Exception) -> str:
+    """Why the weights did not load, in a line: a damaged file, or one that safe loading refused."""
+    if isinstance(err, pickle.UnpicklingError):  # what was refused, without torch's advice to load unsafely
+        lines = [line.strip() for line in str(err).splitlines()]
+        refused = [line for line in lines if line and "weights_only" not in line and not line.startswith("Check the")]
+        return f"refused by safe loading, the file holds more than tensors: {(refused or ['?'])[0]}"
+    if isinstance(err, SafetensorError):
+        return f"damaged or truncated safetensors file: {_first_line(err)}"
+    return _first_line(err)
+
+
+def _hub_hint() -> str:
+    return f"; {HUB_OFFLINE_HINT}"
+
+
 def _looks_like_path(name: str) -> bool:
     """True for names that cannot be hub ids, so a missing directory is reported as such."""
     return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
@@ -158,9 +174,9 @@ def load_teacher_config(name: str, model_type: str) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        where = "" if is_local else "no local directory of that name, and from the hub: "
+        where, hint = ("", "") if is_local else ("no local directory of that name, and from the hub: ", _hub_hint())
         reason = f"{where}{_first_line(err)}"
-        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's config ({reason})") from err
+        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's config ({reason}){hint}") from err
     if config.model_type != model_type:
         raise ScriptError(
             f"--model_name {name!r} is a {config.model_type!r} model, not a {model_type!r} teacher "
@@ -173,8 +189,10 @@ def load_teacher(name: str, table: KeyTable, config: PretrainedConfig, needed: C
     """Load the teacher's weights; a tensor we copy that the checkpoint lacks would be random, so refuse it."""
     try:
         teacher, info = table.teacher_class.from_pretrained(name, config=config, output_loading_info=True)
-    except (OSError, ValueError) as err:
-        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's weights ({_first_line(err)})") from err
+    # A damaged file is a SafetensorError or RuntimeError, one safe loading refuses an UnpicklingError.
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
+        hint = "" if Path(name).exists() else _hub_hint()
+        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's weights ({_weights_failure(err)}){hint}") from err
     uninitialised = sorted(set(needed) & set(info["missing_keys"]))
     if uninitialised:
         raise ScriptError(

@@ -15,7 +15,9 @@ import importlib
 import io
 import json
 import os
+import pickle
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,21 +116,12 @@ def outputs_and_argv(script: str, folder: Path, inputs: dict[str, Path]) -> tupl
                        "--dump_checkpoint", str(written), "--layers", "0", "1"]
 
 
-@pytest.fixture(scope="module")
-def write_faults(tmp_path_factory, repo_root, corpus_file, tokenizer_dirs, teacher_dirs):
-    """Every script under every fault, run in one child process; {(script, fault): (status, stderr, folder, before)}.
+def prepare_write_faults(root: Path, inputs: dict[str, Path]) -> tuple[dict[str, list], dict[str, tuple]]:
+    """Every script under every write fault: the child's cases, and {case: (output folder, its files' bytes)}.
 
-    `before` maps each file of the output folder to its bytes before the run: the earlier outputs the
-    failed run must leave as they were.
+    The folder's files before the run are the earlier outputs the failed run must leave as they were.
     """
-    root = tmp_path_factory.mktemp("write_faults")
-    rng = np.random.default_rng(0)
-    data = root / "data.pickle"
-    with open(data, "wb") as handle:
-        dump_token_id_arrays([rng.integers(0, 30522, 40).astype(np.uint16) for _ in range(200)], handle)
-    inputs = {"text": corpus_file, "bert_tokenizer": tokenizer_dirs["bert"], "data": data,
-              "bert_teacher": teacher_dirs["bert"], "roberta_teacher": teacher_dirs["roberta"]}
-    cases, prepared = {}, {}
+    cases, folders = {}, {}
     for script in SCRIPTS:
         for fault in FAULTS:
             folder = root / script / fault
@@ -145,24 +138,121 @@ def write_faults(tmp_path_factory, repo_root, corpus_file, tokenizer_dirs, teach
                 folder.chmod(0o555)
             module = "binarized_data" if script.startswith("binarized_data") else script
             cases[f"{script}/{fault}"] = [module, argv]
-            prepared[(script, fault)] = (folder, before)
+            folders[f"{script}/{fault}"] = (folder, before)
+    return cases, folders
+
+
+def damaged_teachers(root: Path, teacher_dir: Path) -> dict[str, Path]:
+    """Copies of a saved BERT teacher, each damaged in one way."""
+    damaged = {}
+    for damage in DAMAGED_TEACHERS:
+        folder = damaged[damage] = root / damage
+        shutil.copytree(teacher_dir, folder)
+        weights = folder / "model.safetensors"
+        if damage == "truncated_safetensors":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif damage == "empty_safetensors":
+            weights.write_bytes(b"")
+        elif damage == "config_not_json":
+            (folder / "config.json").write_text('{"model_type": "bert", "hidden_size": 32,')
+        elif damage == "config_not_an_object":
+            (folder / "config.json").write_text('["bert", 32]')
+        else:  # weights that safe loading refuses: a pickle that calls os.system
+            weights.unlink()
+            (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"bert.embeddings": RunsCode()}))
+    return damaged
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ("echo this ran",)
+
+
+DAMAGED_TEACHERS = {  # what the error line must say
+    "truncated_safetensors": "damaged or truncated safetensors file",
+    "empty_safetensors": "damaged or truncated safetensors file",
+    "config_not_json": "is not a valid JSON file",
+    "config_not_an_object": "cannot load the teacher's config",
+    "unsafe_weights": "refused by safe loading, the file holds more than tensors",
+}
+UNREACHABLE_HUB_NAMES = {  # a name the hub would have to serve, with HF_HUB_OFFLINE=1 in the child
+    "binarized_data": ["--tokenizer_name", "no-such-org/no-such-tokenizer"],
+    "extract": ["--model_type", "gpt2", "--model_name", "no-such-org/no-such-model"],
+    "extract_distilbert": ["--model_name", "no-such-model"],
+}
+
+
+@pytest.fixture(scope="module")
+def child_runs(tmp_path_factory, repo_root, corpus_file, tokenizer_dirs, teacher_dirs):
+    """Every case of this file that needs the faults, run in one child process (one import of torch).
+
+    Returns {case: (exit status, stderr)} and, for the write faults, {case: (folder, files before)}.
+    """
+    root = tmp_path_factory.mktemp("child_runs")
+    rng = np.random.default_rng(0)
+    data = root / "data.pickle"
+    with open(data, "wb") as handle:
+        dump_token_id_arrays([rng.integers(0, 30522, 40).astype(np.uint16) for _ in range(200)], handle)
+    inputs = {"text": corpus_file, "bert_tokenizer": tokenizer_dirs["bert"], "data": data,
+              "bert_teacher": teacher_dirs["bert"], "roberta_teacher": teacher_dirs["roberta"]}
+    cases, folders = prepare_write_faults(root / "faults", inputs)
+    for damage, teacher in damaged_teachers(root / "teachers", teacher_dirs["bert"]).items():
+        out = root / "damaged" / damage
+        out.mkdir(parents=True)
+        cases[f"damaged/{damage}"] = ["extract_distilbert", ["--model_name", str(teacher), "--layers", "0", "1",
+                                                            "--dump_checkpoint", str(out / "student.pth")]]
+        folders[f"damaged/{damage}"] = (out, {})
+    for script, argv in UNREACHABLE_HUB_NAMES.items():
+        out = root / "hub" / script
+        out.mkdir(parents=True)
+        output_flag = ["--file_path", str(corpus_file), "--dump_file", str(out / "b")] if script == "binarized_data" \
+            else ["--dump_checkpoint", str(out / "student.pth")]
+        cases[f"hub/{script}"] = [script, [*argv, *output_flag]]
+        folders[f"hub/{script}"] = (out, {})
     env = {**os.environ, "PYTHONPATH": str(repo_root / "scripts"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     child = subprocess.run([sys.executable, __file__], input=json.dumps(cases), capture_output=True, text=True,
                            env=env, timeout=300, check=True)
-    results = json.loads(child.stdout)
-    return {key: (*results[f"{key[0]}/{key[1]}"], *prepared[key]) for key in prepared}
+    return json.loads(child.stdout), folders
+
+
+def one_error_line(status: int | str, stderr: str) -> str:
+    """The single `error: ...` line of a run that failed with status 1 and no traceback."""
+    assert status == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+def files_in(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.iterdir()} if folder.is_dir() else {}
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_failed_write_is_one_line_and_leaves_the_earlier_files(write_faults, script, fault):
-    status, stderr, folder, before = write_faults[(script, fault)]
-    assert status == 1, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    assert FAULTS[fault] in errors[0] and folder.name in errors[0], errors[0]
-    after = {path: path.read_bytes() for path in folder.iterdir()} if folder.is_dir() else {}
-    assert after == before  # the earlier outputs intact, and no temporary file left
+def test_a_failed_write_is_one_line_and_leaves_the_earlier_files(child_runs, script, fault):
+    results, folders = child_runs
+    line = one_error_line(*results[f"{script}/{fault}"])
+    folder, before = folders[f"{script}/{fault}"]
+    assert FAULTS[fault] in line and folder.name in line, line
+    assert files_in(folder) == before  # the earlier outputs intact, and no temporary file left
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_TEACHERS))
+def test_a_damaged_teacher_is_one_line_and_writes_nothing(child_runs, damage):
+    results, folders = child_runs
+    status, stderr = results[f"damaged/{damage}"]
+    line = one_error_line(status, stderr)
+    assert f"{damage}'" in line and DAMAGED_TEACHERS[damage] in line, line
+    assert "weights_only" not in line and "this ran" not in stderr
+    assert files_in(folders[f"damaged/{damage}"][0]) == {}
+
+
+@pytest.mark.parametrize("script", sorted(UNREACHABLE_HUB_NAMES))
+def test_a_hub_name_that_cannot_be_loaded_says_how_to_fail_at_once(child_runs, script):
+    results, folders = child_runs
+    line = one_error_line(*results[f"hub/{script}"])
+    assert UNREACHABLE_HUB_NAMES[script][-1] in line and "HF_HUB_OFFLINE=1 makes this fail at once" in line, line
+    assert files_in(folders[f"hub/{script}"][0]) == {}
 
 
 # ---------------------------------------------------------------- flag values that cannot work
