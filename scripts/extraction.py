@@ -158,6 +158,7 @@ def _weights_failure(err: Exception) -> str:
 
 
 def _hub_hint() -> str:
+    """The end of an error about a name that was looked up on the hub."""
     return f"; {HUB_OFFLINE_HINT}"
 
 

@@ -355,6 +355,7 @@ def _check_declared_sizes(data: mmap.mmap) -> None:
 
 
 def _walk_opcodes(data: mmap.mmap) -> None:
+    """`_check_declared_sizes` itself: one step per opcode, straight past the bytes it carries."""
     pos, end, fixed_length = 0, len(data), _FIXED_LENGTH
     while pos < end:
         opcode = data[pos]
@@ -395,6 +396,7 @@ def _check_byte_count(count: int, start: int, end: int) -> int:
 
 
 def _check_memo_slot(slot: int, pos: int) -> None:
+    """Refuse memo slot `slot` filled at byte `pos`: a genuine pickle has filled at most `pos` slots before."""
     if not 0 <= slot <= pos:
         raise pickle.UnpicklingError(f"byte {pos} fills memo slot {slot}, which no pickle of this size can reach")
 
