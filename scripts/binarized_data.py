@@ -40,7 +40,9 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from cli_flags import ArgumentParser, non_negative_int, positive_int
-from cli_utils import HUB_OFFLINE_HINT, ScriptError, atomic_output, atomic_outputs, bounded_map, check_output_path, run_cli
+from cli_utils import (
+    HUB_OFFLINE_HINT, ScriptError, atomic_output, atomic_outputs, bounded_map, check_output_path, run_cli,
+)
 from token_data import MMAP_SUFFIX, dump_token_id_arrays, mmap_files
 
 if TYPE_CHECKING:

@@ -65,7 +65,8 @@ def check_output_path(flag: str, path: str | os.PathLike, create_folders: bool =
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
-        raise ScriptError(f"{flag} {str(path)!r}: cannot write in folder {str(folder)!r} ({err.strerror or err})") from err
+        reason = err.strerror or err
+        raise ScriptError(f"{flag} {str(path)!r}: cannot write in folder {str(folder)!r} ({reason})") from err
 
 
 @contextmanager

@@ -192,8 +192,8 @@ def load_teacher(name: str, table: KeyTable, config: PretrainedConfig, needed: C
         teacher, info = table.teacher_class.from_pretrained(name, config=config, output_loading_info=True)
     # A damaged file is a SafetensorError or RuntimeError, one safe loading refuses an UnpicklingError.
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
-        hint = "" if Path(name).exists() else _hub_hint()
-        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's weights ({_weights_failure(err)}){hint}") from err
+        message = f"--model_name {name!r}: cannot load the teacher's weights ({_weights_failure(err)})"
+        raise ScriptError(message + ("" if Path(name).exists() else _hub_hint())) from err
     uninitialised = sorted(set(needed) & set(info["missing_keys"]))
     if uninitialised:
         raise ScriptError(

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--token_counts_dump", default="data/token_counts.bert-base-uncased.pickle", help="Where to write the counts."
     )
     parser.add_argument(
-        "--vocab_size", default=30522, type=positive_int, help="Length of the counts list: the tokenizer's vocabulary size."
+        "--vocab_size", default=30522, type=positive_int,
+        help="Length of the counts list: the tokenizer's vocabulary size."
     )
     return parser
 

@@ -239,7 +239,10 @@ def _is_written_here(data: mmap.mmap) -> bool:
 
 
 def _preamble_dtypes(data: mmap.mmap) -> tuple[int, np.ndarray] | None:
-    """Where our writer's preamble in `data` ends and the itemsize of each dtype memo slot (0: none); None if not ours."""
+    """Where our writer's preamble ends in `data`, and the itemsize of each dtype memo slot (0: none).
+
+    None if `data` does not start as our writer's files do.
+    """
     head, dtype_global = _preamble_head(), _pickled_global(np.dtype)
     if data[: len(head)] != head:
         return None
@@ -293,7 +296,8 @@ def _arrays_chain(data: mmap.mmap, first: int, itemsizes: np.ndarray) -> bool:
     if starts.size == 0 or starts[0] != first:
         return False
     heads = heads_at[starts]
-    n, n_bytes, itemsize = heads["n"].astype(np.int64), heads["n_bytes"].astype(np.int64), itemsizes[heads["dtype_memo"]]
+    n, n_bytes = heads["n"].astype(np.int64), heads["n_bytes"].astype(np.int64)
+    itemsize = itemsizes[heads["dtype_memo"]]
     opcodes_ok = (heads["tuple1"] == 0x85) & (heads["binget"] == 0x68) & (heads["newfalse"] == 0x89)
     if not (opcodes_ok & (heads["binbytes"] == 0x42) & (n >= 0) & (itemsize > 0) & (n_bytes == n * itemsize)).all():
         return False

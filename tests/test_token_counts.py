@@ -361,7 +361,8 @@ def test_our_files_take_the_fast_path_and_others_the_checked_one(tmp_path, monke
 @pytest.mark.parametrize("damage", ["truncated", "ids_cut_short", "array_start_inside_ids"])
 def test_files_almost_in_our_layout_go_the_checked_way(damage, tmp_path):
     """A file of our writer's, damaged or with ids that look like an array's start, is not trusted whole."""
-    sequences = [np.uint8([1, 2, 3]), np.frombuffer(token_data._ARRAY_START + b"\x05\x00\x00\x00", np.uint8), np.uint8([9])]
+    looks_like_a_start = np.frombuffer(token_data._ARRAY_START + b"\x05\x00\x00\x00", np.uint8)
+    sequences = [np.uint8([1, 2, 3]), looks_like_a_start, np.uint8([9])]
     path = tmp_path / "data.pickle"
     with open(path, "wb") as handle:
         dump_token_id_arrays(sequences, handle)
