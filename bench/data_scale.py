@@ -15,15 +15,16 @@ Figures per rank are medians over the ranks. The files are freshly written, so t
 
 Targets: memory-mapped anon per rank flat (within 10 %) from 1 to 4 ranks; loading 10^8 tokens < 1 s.
 
-Usage (from the repository root):
-    python -m bench.data_scale                        # 10^8 tokens, 1, 2 and 4 ranks
-    python -m bench.data_scale --n_tokens 10000000 --ranks 1 2 --work_dir /data/tmp
+Usage (or as `python -m bench.data_scale` from the repository root):
+    python bench/data_scale.py                        # 10^8 tokens, 1, 2 and 4 ranks
+    python bench/data_scale.py --n_tokens 10000000 --ranks 1 2 --work_dir /data/tmp
 """
 
 import argparse
 import multiprocessing
 import pickle
 import statistics
+import sys
 import tempfile
 import time
 from argparse import Namespace
@@ -33,8 +34,11 @@ import numpy as np
 import psutil
 import torch
 
-from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
-from scripts.token_data import load_token_id_arrays, load_token_id_mmap, mmap_files
+if not __package__:  # run as `python bench/data_scale.py`: import the project from the repository root, as -m does
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lm_seqs_dataset import FlatCorpus, LmSeqsDataset  # noqa: E402
+from scripts.token_data import load_token_id_arrays, load_token_id_mmap, mmap_files  # noqa: E402
 
 VOCAB_SIZE = 30522
 SPECIAL_TOK_IDS = {"pad_token": 0, "unk_token": 1, "cls_token": 2, "sep_token": 3, "mask_token": 4}

@@ -1,8 +1,8 @@
 """Kill a real training run at random moments, resume it each time, and compare the end with an uninterrupted run.
 
-Usage, from the repository root:
-    python -m bench.faults                       # 8 kills, SIGKILL and SIGTERM in turn
-    python -m bench.faults --kills 20 --seed 1
+Usage (or as `python -m bench.faults` from the repository root):
+    python bench/faults.py                       # 8 kills, SIGKILL and SIGTERM in turn
+    python bench/faults.py --kills 20 --seed 1
 
 A tiny GPT-2 teacher and student (built locally, no network) distil on CPU through `train.py` in a
 subprocess, with gradient accumulation over 3 micro-batches and a checkpoint every 5, so that
@@ -38,8 +38,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoConfig, AutoTokenizer
 
-from distiller import TRAINING_STATE
-from tests import assets
+if not __package__:  # run as `python bench/faults.py`: import the project from the repository root, as -m does
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from distiller import TRAINING_STATE  # noqa: E402
+from tests import assets  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROGRESS_RE = re.compile(r"-Iter:[^|]*\|[^|]*\| *(\d+)/(\d+) \[")  # the training bar: "-Iter:  40%|███  | 4/10 ["

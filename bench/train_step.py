@@ -1,8 +1,8 @@
 """Throughput and peak memory of one distillation training step (`Distiller.step`, MLM, DistilBERT recipe).
 
-Usage, from the repository root:
-    python -m bench.train_step                 # CPU (scaled-down models), plus real shapes on CUDA if present
-    python -m bench.train_step --skip_cpu --peak_tflops 989
+Usage (or as `python -m bench.train_step` from the repository root):
+    python bench/train_step.py                 # CPU (scaled-down models), plus real shapes on CUDA if present
+    python bench/train_step.py --skip_cpu --peak_tflops 989
 
 CPU: a BERT teacher and DistilBERT student with the real vocabulary (30522) but scaled-down depth and
 width (printed), at sequence lengths 128 and 512, fp32. CUDA: the real DistilBERT shapes (12-layer
@@ -23,21 +23,26 @@ loss/softmax work are not counted). Without the attention terms this is 2 N_t + 
 
 import argparse
 import resource
+import sys
 import threading
 import time
 from argparse import Namespace
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
-from distiller import Distiller
-from lm_seqs_dataset import LmSeqsDataset
-from train import build_parser
+if not __package__:  # run as `python bench/train_step.py`: import the project from the repository root, as -m does
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from distiller import Distiller  # noqa: E402
+from lm_seqs_dataset import LmSeqsDataset  # noqa: E402
+from train import build_parser  # noqa: E402
 
 VOCAB_SIZE = 30522
 SPECIAL_TOK_IDS = {"pad_token": 0, "unk_token": 100, "cls_token": 101, "sep_token": 102, "mask_token": 103}

@@ -44,7 +44,10 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from cli_utils import ScriptError, atomic_output, bounded_map, run_cli
+from cli_flags import ArgumentParser, non_negative_int, positive_int
+from cli_utils import (
+    HUB_OFFLINE_HINT, ScriptError, atomic_output, atomic_outputs, bounded_map, check_output_path, run_cli,
+)
 from token_data import MMAP_SUFFIX, dump_token_id_arrays, mmap_files
 
 if TYPE_CHECKING:
@@ -70,7 +73,7 @@ FORMAT_SUFFIXES = {"pickle": ".pickle", "mmap": MMAP_SUFFIX}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Tokenize a text file (one sequence per line) into a pickled list of token id arrays.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -95,15 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         "by train.py (one shared copy per machine), for corpora larger than memory or many processes per machine.",
     )
     parser.add_argument(
-        "--seed", type=int, default=None,
+        "--seed", type=non_negative_int, default=None,
         help="Seed of the shuffle; without it a fresh seed is drawn and logged so the run can be repeated.",
     )
     parser.add_argument(
-        "--workers", type=int, default=1,
+        "--workers", type=positive_int, default=1,
         help="Worker processes encoding in parallel (1: encode in this process, the Rust tokenizer still "
         "uses every core).",
     )
-    parser.add_argument("--batch_size", type=int, default=10_000, help="Lines per batched tokenizer call.")
+    parser.add_argument("--batch_size", type=positive_int, default=10_000, help="Lines per batched tokenizer call.")
     return parser
 
 
@@ -132,13 +135,7 @@ def check_paths(args: argparse.Namespace) -> None:
         raise ScriptError(f"--file_path {args.file_path!r} is empty")
     if not has_text(source):
         raise ScriptError(f"--file_path {args.file_path!r} has no non-blank line")
-    target = output_path(args.dump_file, args.tokenizer_name)
-    if not target.parent.is_dir():
-        raise ScriptError(f"--dump_file {args.dump_file!r}: folder {str(target.parent)!r} does not exist")
-    if args.workers < 1:
-        raise ScriptError(f"--workers must be at least 1 (got {args.workers})")
-    if args.batch_size < 1:
-        raise ScriptError(f"--batch_size must be at least 1 (got {args.batch_size})")
+    check_output_path("--dump_file", output_path(args.dump_file, args.tokenizer_name, args.format))
 
 
 def has_text(path: Path) -> bool:
@@ -233,7 +230,8 @@ def load_tokenizer(name: str) -> "PreTrainedTokenizerBase":
     # transformers reports "not a tokenizer" as OSError, ValueError, KeyError... depending on what is missing.
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ScriptError(f"--tokenizer_name {name!r} could not be loaded as a tokenizer: {first_line}") from err
+        hint = "" if Path(name).exists() else f"; {HUB_OFFLINE_HINT}"
+        raise ScriptError(f"--tokenizer_name {name!r} could not be loaded as a tokenizer: {first_line}{hint}") from err
     if not getattr(tokenizer, "is_fast", False):
         raise ScriptError(f"--tokenizer_name {name!r} has no fast (Rust) tokenizer, which batched encoding needs")
     return tokenizer
@@ -418,14 +416,12 @@ def mmap_output(ids_path: str | os.PathLike, dtype: np.dtype) -> Iterator[MmapWr
     """An MmapWriter into temporary files beside the three of `ids_path`, renamed to them if the block completes.
 
     On an error all three temporary files are removed and earlier files under the final names stay
-    untouched. The order file is renamed first and the ids file last.
+    untouched; the three are renamed only once all are written.
     """
-    with ExitStack() as stack:
-        handles = {}
-        for part, path in mmap_files(ids_path).items():
-            tmp = stack.enter_context(atomic_output(path))
-            handles[part] = stack.enter_context(open(tmp, "wb"))  # closed before its file is renamed
-        yield MmapWriter(handles, dtype)
+    files = mmap_files(ids_path)
+    with atomic_outputs(list(files.values())) as tmps, ExitStack() as stack:
+        handles = {part: stack.enter_context(open(tmp, "wb")) for part, tmp in zip(files, tmps)}
+        yield MmapWriter(handles, dtype)  # the handles close before the files are renamed
 
 
 def write_pickle(encoded: Iterable[tuple[np.ndarray, np.ndarray]], target: Path, seed: int) -> tuple[int, int]:

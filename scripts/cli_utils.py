@@ -25,6 +25,10 @@ class ScriptError(Exception):
     """A problem with the user's input: printed as one line, exit status 1."""
 
 
+# For errors about a hub name: without a network, huggingface_hub retries for minutes before failing.
+HUB_OFFLINE_HINT = "on a machine without network, HF_HUB_OFFLINE=1 makes this fail at once"
+
+
 def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
     """Run a script's `main` with logging set up; a ScriptError or TokenDataError becomes `error: ...` and exit 1."""
     logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, level=logging.INFO)
@@ -45,28 +49,72 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def check_output_path(flag: str, path: str | os.PathLike, create_folders: bool = False) -> None:
+    """Refuse, before any slow work, an output path that cannot be written: its folder missing (unless
+    `create_folders`), a file, or a folder this process may not write in.
+
+    The folder is probed by creating a nameless file in it, the only test that holds for root too.
+    """
+    folder = Path(path).parent
+    while create_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest folder that exists: the ones below it will be created there
+    if not folder.exists():
+        raise ScriptError(f"{flag} {str(path)!r}: folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise ScriptError(f"{flag} {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        reason = err.strerror or err
+        raise ScriptError(f"{flag} {str(path)!r}: cannot write in folder {str(folder)!r} ({reason})") from err
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block completes.
 
     A crash, an error or a full disk leaves any previous file at `path` untouched and no partial file.
     """
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise ScriptError(f"output folder {str(target.parent)!r} does not exist")
+    with atomic_outputs([path]) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Yield a temporary path beside each of `paths`; they replace `paths`, all together, only if the block completes.
+
+    Every temporary file is on disk before the first is renamed, so a full disk leaves either all the
+    new files or all the previous ones, never a mix, and no partial or temporary file. Any OSError
+    (a full disk, a folder not writable) becomes one ScriptError naming the file.
+    """
+    targets, tmps = [Path(path) for path in paths], []
+    current = targets[0]  # the file an error is about
+    try:
+        for current in targets:
+            if not current.parent.is_dir():
+                raise ScriptError(f"output folder {str(current.parent)!r} does not exist")
+            tmps.append(_temporary_beside(current))
+        current = targets[0]
+        yield tmps
+        for current, tmp in zip(targets, tmps):
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        for current, tmp in zip(targets, tmps):
+            os.replace(tmp, current)
+    except OSError as err:
+        raise ScriptError(f"could not write {str(current)!r}: {err.strerror or err}") from err
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def _temporary_beside(target: Path) -> Path:
+    """A new empty file in the folder of `target`, with the mode open() would give it."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    try:
-        tmp.chmod(_new_file_mode())  # mkstemp makes it owner-only; give it the mode open() would
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as err:
-        raise ScriptError(f"could not write {str(target)!r}: {err.strerror or err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    tmp.chmod(_new_file_mode())  # mkstemp makes it owner-only
+    return tmp
 
 
 def bounded_map(executor: Executor, fn: Callable, items: Iterable, depth: int) -> Iterator:

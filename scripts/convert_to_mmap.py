@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from binarized_data import mmap_output
-from cli_utils import ScriptError, run_cli
+from cli_flags import ArgumentParser
+from cli_utils import ScriptError, check_output_path, run_cli
 from token_data import MMAP_SUFFIX, is_mmap_file, load_token_id_arrays
 
 logger = logging.getLogger("convert_to_mmap")
@@ -29,7 +30,7 @@ _GROUP = 1 << 16
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Convert a binarized pickle (list of token id arrays) to the memory-mapped format.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -69,8 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ScriptError(f"--mmap_file {str(target)!r} must end with {MMAP_SUFFIX} (how train.py tells the format)")
     if is_mmap_file(args.data_file):
         raise ScriptError(f"--data_file {args.data_file!r} is already in the memory-mapped format")
-    if not target.parent.is_dir():
-        raise ScriptError(f"--mmap_file {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    check_output_path("--mmap_file", target)
     logger.info("Loading %s", args.data_file)
     sequences = load_token_id_arrays(args.data_file)
     convert(sequences, target)

@@ -12,18 +12,19 @@ stack, is written as a save_pretrained folder (config + weights), see `extract_a
 import argparse
 import logging
 import os
+import pickle
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import torch
-from cli_utils import ScriptError, atomic_output
+from cli_flags import ArgumentParser, non_negative_int
+from cli_utils import HUB_OFFLINE_HINT, ScriptError, atomic_output, check_output_path
 from model_families import auto_lm_class, depth, find_layer_stack, shallower_config
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
@@ -87,14 +88,6 @@ class KeyTable:
         return pairs
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """Usage errors end like every other error of the scripts: the usage, then one `error: ...` line."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise ScriptError(message)
-
-
 def build_parser(
     description: str, model_types: Sequence[str], default_names: Mapping[str, str]
 ) -> argparse.ArgumentParser:
@@ -106,7 +99,7 @@ def build_parser(
         default_names: `--model_name` used when the flag is absent, per model type (none for `auto`).
     """
     with_auto = AUTO in model_types
-    parser = _ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument(
         "--model_type",
         default=model_types[0],
@@ -150,7 +143,7 @@ def build_parser(
     parser.add_argument(
         "--layers",
         nargs="+",
-        type=int,
+        type=non_negative_int,
         default=list(DEFAULT_LAYERS),
         metavar="LAYER",
         help="teacher layers that become student layers 0, 1, ... (default: %(default)s)",
@@ -190,6 +183,22 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def _weights_failure(err: Exception) -> str:
+    """Why the weights did not load, in a line: a damaged file, or one that safe loading refused."""
+    if isinstance(err, pickle.UnpicklingError):  # what was refused, without torch's advice to load unsafely
+        lines = [line.strip() for line in str(err).splitlines()]
+        refused = [line for line in lines if line and "weights_only" not in line and not line.startswith("Check the")]
+        return f"refused by safe loading, the file holds more than tensors: {(refused or ['?'])[0]}"
+    if isinstance(err, SafetensorError):
+        return f"damaged or truncated safetensors file: {_first_line(err)}"
+    return _first_line(err)
+
+
+def _hub_hint() -> str:
+    """The end of an error about a name that was looked up on the hub."""
+    return f"; {HUB_OFFLINE_HINT}"
+
+
 def _looks_like_path(name: str) -> bool:
     """True for names that cannot be hub ids, so a missing directory is reported as such."""
     return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
@@ -203,9 +212,9 @@ def load_teacher_config(name: str, model_type: str | None) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        where = "" if is_local else "no local directory of that name, and from the hub: "
+        where, hint = ("", "") if is_local else ("no local directory of that name, and from the hub: ", _hub_hint())
         reason = f"{where}{_first_line(err)}"
-        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's config ({reason})") from err
+        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's config ({reason}){hint}") from err
     if model_type is not None and config.model_type != model_type:
         raise ScriptError(
             f"--model_name {name!r} is a {config.model_type!r} model, not a {model_type!r} teacher "
@@ -223,8 +232,10 @@ def load_teacher(
     """
     try:
         teacher, info = teacher_class.from_pretrained(name, config=config, output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ScriptError(f"--model_name {name!r}: cannot load the teacher's weights ({_first_line(err)})") from err
+    # A damaged file is a SafetensorError or RuntimeError, one safe loading refuses an UnpicklingError.
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
+        message = f"--model_name {name!r}: cannot load the teacher's weights ({_weights_failure(err)})"
+        raise ScriptError(message + ("" if Path(name).exists() else _hub_hint())) from err
     uninitialised = sorted(set(info["missing_keys"]) if needed is None else set(needed) & set(info["missing_keys"]))
     if uninitialised:
         raise ScriptError(
@@ -272,10 +283,15 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str) -> None:
     target = Path(path)
     make_folder(target.parent, "--dump_checkpoint", path)
     with atomic_output(target) as tmp:
-        if target.suffix == ".safetensors":
-            save_file(state, tmp, metadata={"format": "pt"})
-        else:
-            torch.save(state, tmp)
+        try:
+            if target.suffix == ".safetensors":
+                save_file(state, tmp, metadata={"format": "pt"})
+            else:
+                torch.save(state, tmp)
+        # A full disk is a RuntimeError from torch.save and a SafetensorError from save_file, not an OSError.
+        except (RuntimeError, SafetensorError) as err:
+            detail = str(err).strip().splitlines()[-1].rsplit("] ", 1)[-1] if str(err).strip() else type(err).__name__
+            raise ScriptError(f"could not write {path!r}, is the disk full? ({detail.strip(' .')})") from err
 
 
 def save_config(config: PretrainedConfig, path: str) -> None:
@@ -294,6 +310,13 @@ def log_transfer(layers: Sequence[int], state: Mapping[str, torch.Tensor]) -> No
     logger.info("Number of tensors transferred for distillation: %d (%.1fM values)", len(state), n_values / 1e6)
 
 
+def check_output_paths(args: argparse.Namespace, checkpoint_file: str | Path) -> None:
+    """Refuse, before the teacher is loaded, outputs that cannot be written (see cli_utils.check_output_path)."""
+    check_output_path("--dump_checkpoint", checkpoint_file, create_folders=True)
+    if args.dump_config:
+        check_output_path("--dump_config", args.dump_config, create_folders=True)
+
+
 def extract(args: argparse.Namespace, tables: Mapping[str, KeyTable]) -> None:
     """Build the student state dict the flags ask for and write it to `--dump_checkpoint` (and `--dump_config`).
 
@@ -303,6 +326,7 @@ def extract(args: argparse.Namespace, tables: Mapping[str, KeyTable]) -> None:
         args: parsed flags with `resolve_defaults` applied.
         tables: the script's key table per `--model_type`.
     """
+    check_output_paths(args, args.dump_checkpoint)
     table = tables[args.model_type]
     config = load_teacher_config(args.model_name, table.model_type)
     check_layers(args.layers, config.num_hidden_layers)
@@ -405,6 +429,7 @@ def extract_auto(args: argparse.Namespace) -> None:
     target = Path(args.dump_checkpoint)
     if target.exists() and not target.is_dir():
         raise ScriptError(f"--dump_checkpoint {args.dump_checkpoint!r} is a file: --model_type auto writes a folder")
+    check_output_paths(args, target / "config.json")
     config = load_teacher_config(args.model_name, None)
     try:
         lm_class = auto_lm_class(config)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_utils import ScriptError, atomic_output, bounded_map, run_cli
+from cli_flags import ArgumentParser, positive_int
+from cli_utils import ScriptError, atomic_output, bounded_map, check_output_path, run_cli
 from token_data import is_mmap_file, load_token_id_arrays, load_token_id_mmap
 
 logger = logging.getLogger("token_counts")
@@ -36,7 +37,7 @@ _SLICE = 1 << 22
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Token id frequencies of binarized data (used to smooth the MLM masking probabilities).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--token_counts_dump", default="data/token_counts.bert-base-uncased.pickle", help="Where to write the counts."
     )
     parser.add_argument(
-        "--vocab_size", default=30522, type=int, help="Length of the counts list: the tokenizer's vocabulary size."
+        "--vocab_size", default=30522, type=positive_int,
+        help="Length of the counts list: the tokenizer's vocabulary size."
     )
     return parser
 
@@ -161,8 +163,7 @@ def _check_ids(ids: np.ndarray, vocab_size: int, largest: Callable[[], int]) -> 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     target = Path(args.token_counts_dump)
-    if not target.parent.is_dir():
-        raise ScriptError(f"--token_counts_dump {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    check_output_path("--token_counts_dump", target)
     logger.info("Loading binarized data from %s", args.data_file)
     if is_mmap_file(args.data_file):
         ids = load_token_id_mmap(args.data_file).ids

@@ -338,7 +338,7 @@ def test_default_output_name_follows_the_original():
 @pytest.mark.parametrize(
     ("kind", "flags", "message"),
     [
-        ("roberta", ["--layers", "0", "-1"], "--layers -1 out of range: the teacher has 2 layers"),
+        ("roberta", ["--layers", "0", "3"], "--layers 3 out of range: the teacher has 2 layers"),
         ("gpt2", ["--layers", "1", "1"], "--layers repeats 1"),
         ("bert", ["--layers", "2"], "--layers 2 out of range"),
     ],
