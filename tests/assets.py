@@ -130,12 +130,19 @@ MODEL_CLASSES = {
 
 def build_teacher(kind: str, out_dir: Path, tokenizer_dir: Path, n_layers: int = 2, seed: int = 0) -> Path:
     """Save a randomly initialised tiny teacher together with its tokenizer in `out_dir`."""
-    import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return save_seeded(lambda: MODEL_CLASSES[kind](teacher_config(kind, len(tokenizer), n_layers=n_layers)),
+                       tokenizer, out_dir, seed)
+
+
+def save_seeded(make_model, tokenizer, out_dir: Path, seed: int) -> Path:
+    """`make_model()` under torch seed `seed`, saved with `tokenizer` in `out_dir` (created)."""
+    import torch
+
     torch.manual_seed(seed)
-    model = MODEL_CLASSES[kind](teacher_config(kind, len(tokenizer), n_layers=n_layers))
+    model = make_model()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -305,12 +312,6 @@ AUTO_MODEL_CLASSES = {
 
 def build_auto_teacher(kind: str, out_dir: Path, tokenizer_dir: Path, n_layers: int = 4, seed: int = 0) -> Path:
     """Save a randomly initialised tiny teacher of family `kind` (AUTO_KINDS) with its tokenizer in `out_dir`."""
-    import torch
-
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    model = AUTO_MODEL_CLASSES[kind](auto_teacher_config(kind, tokenizer, n_layers=n_layers))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return save_seeded(lambda: AUTO_MODEL_CLASSES[kind](auto_teacher_config(kind, tokenizer, n_layers=n_layers)),
+                       tokenizer, out_dir, seed)
