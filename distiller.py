@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from argparse import Namespace
-from collections.abc import Callable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterator, Sized
 from contextlib import nullcontext
 from functools import partial
 from itertools import islice
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
+from losses import LOSS_TERMS, TEACHER_TERMS, compute_losses
 from utils import (
     IGNORE_INDEX,
     TMP_PREFIX,
@@ -53,10 +54,6 @@ from utils import (
 
 if TYPE_CHECKING:
     from lm_seqs_dataset import LmSeqsDataset
-
-LOSS_TERMS = ("ce", "mlm", "clm", "mse", "cos")
-# Terms that compare with the teacher: when all of them weigh 0 the teacher is never run.
-TEACHER_TERMS = ("ce", "mse", "cos")
 
 # Everything a resume needs, beside the [F] checkpoints (which stay plain student state dicts).
 TRAINING_STATE = "training_state.pth"
@@ -155,98 +152,6 @@ def round_batch_for_fp16(token_ids: Tensor, lengths: Tensor, pad_id: int) -> tup
     if pad:
         token_ids = F.pad(token_ids, (0, pad), value=pad_id)
     return token_ids, lengths
-
-
-def _rows(x: Tensor, mask: Tensor) -> Tensor:
-    """`x[mask]` for a (bs, seq_len) bool mask: the selected rows of x (bs, seq_len, ...), in row-major order.
-
-    A mask on the host selects a device tensor without a device sync: its indices are found on the host
-    and copied without blocking (a device mask would need its count read back first).
-    """
-    if mask.device == x.device:
-        return x[mask]
-    rows, cols = (index.to(x.device, non_blocking=True) for index in mask.nonzero(as_tuple=True))
-    return x[rows, cols]
-
-
-def _kl_distillation(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) summed over the vocabulary, averaged over rows, times T^2 (Hinton et al.).
-
-    The teacher side is given as log-probabilities: the same value, without kl_div taking the log of
-    every probability again (a third of the term's time on a CPU).
-    """
-    log_p_student = F.log_softmax(s_logits / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(t_logits / temperature, dim=-1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
-
-
-def _token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the positions whose label is not -100; logits (..., vocab), labels (...)."""
-    targets = labels != IGNORE_INDEX
-    return F.cross_entropy(_rows(logits, targets).float(), labels[targets].to(logits.device, non_blocking=True))
-
-
-def _cosine_loss(s_hidden: Tensor, t_hidden: Tensor) -> Tensor:
-    """Mean of 1 - cos(student row, teacher row); both (n_rows, dim)."""
-    return (1.0 - F.cosine_similarity(s_hidden.float(), t_hidden.float(), dim=-1)).mean()
-
-
-def compute_losses(
-    s_logits: Tensor,
-    t_logits: Tensor | None,
-    s_hidden: Tensor | None,
-    t_hidden: Tensor | None,
-    attention_mask: Tensor,
-    lm_labels: Tensor,
-    alphas: Mapping[str, float],
-    temperature: float,
-    restrict_ce_to_mask: bool = False,
-) -> dict[str, Tensor]:
-    """The distillation loss terms whose weight is > 0, each a float32 0-dim tensor.
-
-    - ce: KL(softmax(t/T) || softmax(s/T)) summed over the vocabulary, averaged over the selected
-      positions, times T^2. Selected: every real position, or only the MLM targets when
-      `restrict_ce_to_mask`.
-    - mlm: student cross-entropy on the MLM targets (labels != -100).
-    - clm: student cross-entropy predicting token i + 1 from position i.
-    - mse: squared error between student and teacher logits, summed over the selected positions and
-      divided by their number.
-    - cos: mean over real positions of 1 - cos(student, teacher last hidden state).
-
-    Args:
-        s_logits: (bs, seq_len, vocab) student logits.
-        t_logits: (bs, seq_len, vocab) teacher logits; only read when a TEACHER_TERMS weight is > 0.
-        s_hidden: (bs, seq_len, dim) student last hidden state; only read when alphas["cos"] > 0.
-        t_hidden: (bs, seq_len, dim) teacher last hidden state; only read when alphas["cos"] > 0.
-        attention_mask: (bs, seq_len) bool, True on real tokens.
-        lm_labels: (bs, seq_len) int64, -100 where there is nothing to predict.
-            Both may live on the host while the logits are on an accelerator: rows are then selected
-            without a device sync (see `_rows`).
-        alphas: weight of each term in LOSS_TERMS; terms with weight 0 are not computed.
-        temperature: softmax temperature T of the ce term.
-        restrict_ce_to_mask: select only the MLM targets for ce and mse.
-
-    Returns:
-        {term: loss} in LOSS_TERMS order, for the terms with alphas[term] > 0.
-    """
-    selected = lm_labels != IGNORE_INDEX if restrict_ce_to_mask else attention_mask  # (bs, seq_len) bool
-
-    def selected_logits() -> tuple[Tensor, Tensor]:
-        # Select rows, never a (bs, seq_len, vocab) mask: (n_selected, vocab) each.
-        return _rows(s_logits, selected).float(), _rows(t_logits, selected).float()
-
-    def mse() -> Tensor:
-        s_rows, t_rows = selected_logits()
-        return F.mse_loss(s_rows, t_rows, reduction="sum") / s_rows.size(0)
-
-    terms = {
-        "ce": lambda: _kl_distillation(*selected_logits(), temperature),
-        "mlm": lambda: _token_cross_entropy(s_logits, lm_labels),
-        "clm": lambda: _token_cross_entropy(s_logits[:, :-1], lm_labels[:, 1:]),
-        "mse": mse,
-        "cos": lambda: _cosine_loss(_rows(s_hidden, attention_mask), _rows(t_hidden, attention_mask)),
-    }
-    return {term: loss() for term, loss in terms.items() if alphas[term] > 0}
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:

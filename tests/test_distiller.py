@@ -14,12 +14,12 @@ from torch.utils._pytree import tree_leaves
 import assets
 from distiller import (
     Distiller,
-    compute_losses,
     mask_tokens,
     optimizer_groups,
     round_batch_for_fp16,
 )
 from lm_seqs_dataset import LmSeqsDataset
+from losses import compute_losses
 from utils import NonFiniteLossError
 
 VOCAB = 64
