@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
-from losses import LOSS_TERMS, TEACHER_TERMS, compute_losses
+from losses import DEFAULT_LOSS_CHUNK_SIZE, LOSS_TERMS, TEACHER_TERMS, StudentWithLoss
 from utils import (
     IGNORE_INDEX,
     TMP_PREFIX,
@@ -403,10 +403,15 @@ class Distiller:
         self.eval_interval = getattr(params, "eval_interval", 0)
         self.raw_student = student.to(self.device).train()
         self.vocab_size = self.raw_student.config.vocab_size
+        # The student and its loss in one module (and, for a narrower student, the projection of its hidden states).
+        self.distillation = StudentWithLoss(
+            self.raw_student, self.alphas, self.temperature, self.restrict_ce_to_mask,
+            getattr(params, "loss_chunk_size", DEFAULT_LOSS_CHUNK_SIZE), self.teacher, self.seed,
+        )
 
         logger.info("--- Initializing model optimizer")
         self.optimizer = torch.optim.AdamW(
-            optimizer_groups(self.raw_student, params.weight_decay),
+            optimizer_groups(self.distillation, params.weight_decay),
             lr=params.learning_rate,
             eps=params.adam_epsilon,
             betas=(0.9, 0.98),
@@ -422,7 +427,7 @@ class Distiller:
             num_training_steps=self.num_train_optimization_steps,
         )
         n_trainable = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
-        n_total = sum(p.numel() for p in self.raw_student.parameters())
+        n_total = sum(p.numel() for p in self.distillation.parameters())
         logger.info(f"Number of trainable parameters (student): {n_trainable} of {n_total}")
 
         # Decided once: autocast context and loss scaler (a disabled GradScaler is a pass-through).
@@ -448,8 +453,6 @@ class Distiller:
         self.window_finite = torch.ones(len(self.finite_terms), dtype=torch.bool, device=self.device)
         self.last_log = time.time()
         self.window_start: dict | None = None  # resume point at the start of the current accumulation window
-        # Only the cosine loss reads hidden states: without it, neither model keeps every layer's output.
-        self.want_hidden = self.alphas["cos"] > 0
         self.stop_signals = _StopSignals()
         self.stop_signal = 0  # the signal every process agreed to stop on at the last optimizer step; 0: none
         self.resumed = training_state is not None
@@ -457,15 +460,17 @@ class Distiller:
         if self.resumed:
             self._restore(training_state)
 
-        if self.multi_gpu:
-            logger.info("Using DistributedDataParallel for the student")
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student = DistributedDataParallel(self.raw_student, device_ids=device_ids)
-        else:
-            self.student = self.raw_student
         if getattr(params, "compile", False):
             # A compiled wrapper for the steps only; raw_student (same parameters) is what is saved and restored.
-            self.student = torch.compile(self.student)
+            self.distillation.student = torch.compile(self.raw_student)
+        if self.multi_gpu:
+            logger.info("Using DistributedDataParallel for the student and its loss")
+            # No device_ids: DDP would copy every input to the device, the host masks that select loss rows too.
+            self.model = DistributedDataParallel(self.distillation)
+        else:
+            self.model = self.distillation
+        # What the steps train: the DDP module (no_sync, communication hooks), or the student given, in place.
+        self.student = self.model if self.multi_gpu else self.distillation.student
 
         if self.is_master:
             logger.info("--- Initializing Tensorboard")
@@ -606,31 +611,15 @@ class Distiller:
         # [F] the CLM models run without a mask: padding is at the end and attention is causal.
         model_mask = self._to_device(attention_mask) if self.mlm else None
         # Under DDP, all-reduce gradients only on the micro-batch that steps the optimizer.
-        sync_context = self.student.no_sync() if self.multi_gpu and not stepping else nullcontext()
+        sync_context = self.model.no_sync() if self.multi_gpu and not stepping else nullcontext()
         with sync_context:
             with self.autocast:
                 t_output = None
                 if self.teacher is not None:
                     # Inference mode (no autograd bookkeeping at all), in the autocast dtype.
                     with torch.inference_mode():
-                        t_output = self.teacher(
-                            input_ids=input_ids, attention_mask=model_mask, output_hidden_states=self.want_hidden
-                        )
-                s_output = self.student(
-                    input_ids=input_ids, attention_mask=model_mask, output_hidden_states=self.want_hidden
-                )
-            losses = compute_losses(
-                s_output.logits,
-                t_output.logits if t_output is not None else None,
-                s_output.hidden_states[-1] if self.want_hidden else None,
-                t_output.hidden_states[-1] if self.want_hidden else None,
-                attention_mask,
-                lm_labels,
-                self.alphas,
-                self.temperature,
-                self.restrict_ce_to_mask,
-            )
-            loss = sum(self.alphas[term] * value for term, value in losses.items())
+                        t_output = self.distillation.teacher_output(self.teacher, input_ids, model_mask)
+                loss, losses = self.model(input_ids, model_mask, attention_mask, lm_labels, t_output)
             self.scaler.scale(loss / self.gradient_accumulation_steps).backward()
 
         self._record(loss, losses)
@@ -660,7 +649,7 @@ class Distiller:
         """At the accumulation boundary: finite check and stop agreement, unscale, clip, optimizer and schedule step."""
         self.stop_signal = self._check_finite_and_stop()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -830,6 +819,7 @@ class Distiller:
         state = {
             "format": TRAINING_STATE_FORMAT,
             "student": self.raw_student.state_dict(),
+            "loss": self.distillation.loss_state_dict(),  # what is trained besides the student (never exported)
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -858,6 +848,7 @@ class Distiller:
                 f"{self.batches_per_epoch}: resume with the same launcher, flags and data"
             )
         self.raw_student.load_state_dict(state["student"])
+        self.distillation.load_loss_state_dict(state.get("loss", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -244,7 +244,7 @@ def test_fp16_keeps_gradients_below_its_range():
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any operation produces."""
+    """Records the element count of the largest tensor any operation allocates (views of an input allocate nothing)."""
 
     def __init__(self):
         super().__init__()
@@ -252,7 +252,9 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        sizes = [t.numel() for t in tree_leaves(out)
+                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
         self.largest = max([self.largest, *sizes])
         return out
 
