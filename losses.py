@@ -27,7 +27,7 @@ TEACHER_TERMS = ("ce", "mse", "cos")
 VOCABULARY_TERMS = ("ce", "lm", "mse")
 
 # Rows of logits per chunk of the fused losses (--loss_chunk_size); chosen from bench/fused_loss.py.
-DEFAULT_LOSS_CHUNK_SIZE = 1024
+DEFAULT_LOSS_CHUNK_SIZE = 256
 
 # Config attributes of models whose logits are transformed after the vocabulary projection (Gemma's
 # soft-capping, Cohere's and Granite's scaling, ...), with the values that leave the logits as they are:
@@ -179,9 +179,29 @@ def projection_inputs_as_logits(model: nn.Module) -> Iterator[None]:
         del projection.forward
 
 
-def _matmul_dtype(inputs: Tensor, weight: Tensor, autocast_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype the projection would run in: autocast's when it is on, else the promoted input types."""
-    return autocast_dtype or torch.promote_types(inputs.dtype, weight.dtype)
+class _Projection:
+    """A vocabulary projection ready for chunks: weight and bias in the matmul dtype, and the logit scale.
+
+    Logits come out multiplied by `scale` (1/T for the temperature softmaxes): the inputs and the bias are
+    scaled instead, which costs (rows, dim) and (vocab,) work rather than a pass over (rows, vocab).
+    """
+
+    def __init__(
+        self, rows: Tensor, weight: Tensor, bias: Tensor | None, scale: float, autocast_dtype: torch.dtype | None
+    ):
+        # The dtype the projection itself would run in: autocast's when it is on, else the promoted types.
+        self.dtype = autocast_dtype or torch.promote_types(rows.dtype, weight.dtype)
+        self.weight = weight.detach().to(self.dtype)
+        self.bias = None if bias is None else (bias.detach().float() * scale).to(self.dtype)
+        self.scale = scale
+
+    def inputs(self, rows: Tensor) -> Tensor:
+        """(chunk, dim) rows in the matmul dtype, scaled."""
+        return (rows.detach() * self.scale if self.scale != 1.0 else rows.detach()).to(self.dtype)
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        """(chunk, vocab) float32: scale x (rows @ weight^T + bias), for inputs from `inputs`."""
+        return F.linear(inputs, self.weight, self.bias).float()
 
 
 def logit_chunks(
@@ -198,11 +218,9 @@ def logit_chunks(
     Yields:
         (<= chunk_size, vocab) float32 logits, in row order.
     """
-    dtype = _matmul_dtype(rows, projection.weight, autocast_dtype)
-    weight = projection.weight.to(dtype)
-    bias = None if projection.bias is None else projection.bias.to(dtype)
+    chunks = _Projection(rows, projection.weight, projection.bias, 1.0, autocast_dtype)
     for start in range(0, rows.size(0), chunk_size):
-        yield F.linear(rows[start : start + chunk_size].to(dtype), weight, bias).float()
+        yield chunks.logits(chunks.inputs(rows[start : start + chunk_size]))
 
 
 # ---------------------------------------------------------------- fused, chunked vocabulary losses
@@ -212,17 +230,15 @@ class _ChunkedVocabularyLosses(torch.autograd.Function):
     """ce / lm / mse from projection inputs, chunk by chunk; gradients computed in the forward pass.
 
     The forward keeps the gradients of the weighted total with respect to the student's rows and
-    projection (accumulated over the chunks); the backward only scales them by the incoming gradient.
-    Teacher tensors (possibly inference tensors) are read, never saved.
+    projection (accumulated over the chunks); the backward only scales them by the incoming gradient
+    (it runs once: no retain_graph). Teacher tensors (possibly inference tensors) are read, never saved.
     """
 
     @staticmethod
     def forward(ctx, s_rows, s_weight, s_bias, t_rows, t_weight, t_bias, selected, targets, settings):
-        weights, temperature, chunk_size, autocast_dtype = settings
         with torch.autocast(s_rows.device.type, enabled=False):
-            total, terms, grads = _chunked_forward_and_gradients(
-                s_rows, (s_weight, s_bias), t_rows, (t_weight, t_bias), selected, targets, weights, temperature,
-                chunk_size, autocast_dtype, ctx.needs_input_grad[:3],
+            total, terms, grads = _chunked_losses_and_gradients(
+                s_rows, s_weight, s_bias, t_rows, t_weight, t_bias, selected, targets, settings, ctx.needs_input_grad
             )
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(terms)
@@ -234,120 +250,136 @@ class _ChunkedVocabularyLosses(torch.autograd.Function):
         return *grads, None, None, None, None, None, None
 
 
-def _chunked_forward_and_gradients(
+class _Settings(NamedTuple):
+    """The non-tensor arguments of `fused_vocabulary_losses`."""
+
+    weights: tuple[float, float, float]
+    temperature: float
+    chunk_size: int
+    autocast_dtype: torch.dtype | None
+
+
+def _chunked_losses_and_gradients(
     s_rows: Tensor,
-    s_projection: tuple[Tensor, Tensor | None],
+    s_weight: Tensor,
+    s_bias: Tensor | None,
     t_rows: Tensor | None,
-    t_projection: tuple[Tensor | None, Tensor | None],
+    t_weight: Tensor | None,
+    t_bias: Tensor | None,
     selected: Tensor,
     targets: Tensor,
-    weights: tuple[float, float, float],
-    temperature: float,
-    chunk_size: int,
-    autocast_dtype: torch.dtype | None,
-    needs_grad: tuple[bool, bool, bool],
+    settings: _Settings,
+    needs_grad: tuple[bool, ...],
 ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
     """The loop of `fused_vocabulary_losses`: (total, terms, [grad rows, grad weight, grad bias])."""
-    w_ce, w_lm, w_mse = weights
-    s_dtype = _matmul_dtype(s_rows, s_projection[0], autocast_dtype)
-    s_weight, s_bias = (None if p is None else p.detach().to(s_dtype) for p in s_projection)
-    with_teacher = w_ce > 0 or w_mse > 0
-    if with_teacher:
-        t_dtype = _matmul_dtype(t_rows, t_projection[0], autocast_dtype)
-        t_weight, t_bias = (None if p is None else p.to(t_dtype) for p in t_projection)
+    (w_ce, w_lm, w_mse), temperature, chunk_size, autocast_dtype = settings
+    # With ce, both models' logits are made at temperature T; lm and mse undo it where they need to.
+    logit_scale = 1.0 / temperature if w_ce > 0 else 1.0
+    student = _Projection(s_rows, s_weight, s_bias, logit_scale, autocast_dtype)
+    teacher = _Projection(t_rows, t_weight, t_bias, logit_scale, autocast_dtype) if w_ce > 0 or w_mse > 0 else None
 
-    # Per-row coefficients of each term's gradient with respect to the student's logits.
     n_selected = selected.sum().float()
-    is_target = targets != IGNORE_INDEX
-    n_targets = is_target.sum().float()
-    ce_scale = torch.where(selected, w_ce * temperature / n_selected, 0.0)  # d(w T^2 KL / n) / dz = w T (q - p) / n
-    mse_scale = torch.where(selected, 2.0 * w_mse / n_selected, 0.0)
-    lm_scale = torch.where(is_target, w_lm / n_targets, 0.0)
-    safe_targets = targets.clamp(min=0)
+    n_targets = targets.size(0)
+    # Per-row factors of each term's gradient with respect to the student's logits s: d(T^2 KL / n)/ds =
+    # T (q - p) / n; d(|s - t|^2 / n)/ds = 2 (s - t) / n, where s - t is the scaled logits' difference / scale.
+    ce_factor = torch.where(selected, w_ce * temperature / n_selected, 0.0)[:, None]
+    mse_factor = torch.where(selected, 2.0 * w_mse / (logit_scale * n_selected), 0.0)[:, None]
+    lm_factor = w_lm / n_targets if n_targets else 0.0
 
-    sums = torch.zeros(3, dtype=torch.float32, device=s_rows.device)  # kl, nll, squared error
+    sums = torch.zeros(3, dtype=torch.float32, device=s_rows.device)  # KL, NLL, squared error (of scaled logits)
     grad_rows = torch.empty_like(s_rows, dtype=torch.float32) if needs_grad[0] else None
     grad_weight = torch.zeros_like(s_weight, dtype=torch.float32) if needs_grad[1] else None
     grad_bias = torch.zeros_like(s_bias, dtype=torch.float32) if needs_grad[2] else None
     for start in range(0, s_rows.size(0), chunk_size):
         chunk = slice(start, start + chunk_size)
-        inputs = s_rows[chunk].detach().to(s_dtype)
-        logits = F.linear(inputs, s_weight, s_bias).float()  # (chunk, vocab)
-        t_logits = F.linear(t_rows[chunk].to(t_dtype), t_weight, t_bias).float() if with_teacher else None
-        chunk_sums, grad_logits = _chunk_terms(
-            logits, t_logits, selected[chunk], safe_targets[chunk], is_target[chunk], temperature,
-            ce_scale[chunk], lm_scale[chunk], mse_scale[chunk], weights,
-        )
-        sums += chunk_sums
+        inputs = student.inputs(s_rows[chunk])
+        logits = student.logits(inputs)  # (chunk, vocab) s x logit_scale
+        t_logits = teacher.logits(teacher.inputs(t_rows[chunk])) if teacher is not None else None
+        grad_logits = None
+        if w_mse > 0:
+            diff = logits - t_logits
+            sums[2] += torch.where(selected[chunk], torch.linalg.vecdot(diff, diff), 0.0).sum()
+            grad_logits = diff.mul_(mse_factor[chunk])
+        if w_ce > 0:
+            kl_rows, grad_ce = _kl_and_gradient(logits, t_logits, ce_factor[chunk])
+            sums[0] += torch.where(selected[chunk], kl_rows, 0.0).sum()
+            grad_logits = grad_ce if grad_logits is None else grad_logits.add_(grad_ce)
+        lm_rows = slice(0, max(0, min(n_targets - start, logits.size(0))))  # rows with a target come first
+        if w_lm > 0 and lm_rows.stop > 0:
+            nll_sum, grad_lm = _nll_and_gradient(logits[lm_rows], targets[chunk], 1.0 / logit_scale, lm_factor)
+            sums[1] += nll_sum
+            if grad_logits is None:  # no teacher term: every row has a target
+                grad_logits = grad_lm
+            else:
+                grad_logits[lm_rows] += grad_lm
         del logits, t_logits
-        # fp16 cannot hold these gradients unscaled (the loss scaler acts after this pass): each chunk's is
-        # brought to a maximum of 1 before a low-precision matmul, and scaled back in float32.
-        scale = grad_logits.abs().amax().clamp(min=torch.finfo(torch.float32).tiny) if s_dtype != torch.float32 else None
-        low = grad_logits if scale is None else (grad_logits / scale).to(s_dtype)
-        if grad_rows is not None:
-            grad_rows[chunk] = _rescaled(low @ s_weight, scale)
-        if grad_weight is not None:
-            grad_weight += _rescaled(low.t() @ inputs, scale)
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(0)
+        _accumulate_gradients(grad_logits, inputs, student, grad_rows, grad_weight, grad_bias, chunk)
 
-    terms = torch.stack([sums[0] / n_selected * temperature**2, sums[1] / n_targets, sums[2] / n_selected])
-    total = sum(weight * term for weight, term in zip(weights, terms) if weight > 0)
+    terms = torch.stack(
+        [sums[0] / n_selected * temperature**2, sums[1] / n_targets, sums[2] / (logit_scale**2 * n_selected)]
+    )
+    total = sum(weight * term for weight, term in zip((w_ce, w_lm, w_mse), terms) if weight > 0)
     return total, terms, [grad_rows, grad_weight, grad_bias]
+
+
+def _kl_and_gradient(s_scaled: Tensor, t_scaled: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row KL(softmax(t/T) || softmax(s/T)) and its gradient `factor x (q - p)`; inputs (chunk, vocab) s/T, t/T.
+
+    Returns (kl (chunk,), gradient (chunk, vocab)); t_scaled is overwritten (with p).
+    """
+    log_q = F.log_softmax(s_scaled, dim=-1)
+    log_p = F.log_softmax(t_scaled, dim=-1)
+    p = torch.exp(log_p, out=t_scaled)
+    kl_rows = torch.linalg.vecdot(p, log_p) - torch.linalg.vecdot(p, log_q)
+    del log_p
+    return kl_rows, torch.exp(log_q, out=log_q).sub_(p).mul_(factor)
+
+
+def _nll_and_gradient(logits_scaled: Tensor, targets: Tensor, unscale: float, factor: float) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of the rows against `targets` and its gradient `factor x (softmax - one_hot)`.
+
+    logits_scaled: (rows, vocab) logits times 1/unscale; targets: (>= rows,) ids, the first `rows` used.
+    """
+    logits = logits_scaled * unscale if unscale != 1.0 else logits_scaled
+    log_r = F.log_softmax(logits, dim=-1)
+    targets = targets[: log_r.size(0), None]
+    nll_sum = -log_r.gather(1, targets).sum()
+    grad = torch.exp(log_r, out=log_r).mul_(factor)
+    grad.scatter_add_(1, targets, grad.new_full(targets.shape, -factor))
+    return nll_sum, grad
+
+
+def _accumulate_gradients(
+    grad_logits: Tensor,
+    inputs: Tensor,
+    student: _Projection,
+    grad_rows: Tensor | None,
+    grad_weight: Tensor | None,
+    grad_bias: Tensor | None,
+    chunk: slice,
+) -> None:
+    """Back through the chunk's projection: its rows' gradient, and the weight's and bias's, accumulated.
+
+    `inputs` were scaled by student.scale, so the weight's gradient is computed against them and unscaled.
+    fp16 cannot hold these gradients unscaled (the loss scaler acts after this pass): a low-precision matmul
+    gets the chunk's gradient brought to a maximum of 1, and its result is scaled back in float32.
+    """
+    if student.dtype == torch.float32:
+        low, rescale = grad_logits, None
+    else:
+        rescale = grad_logits.abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
+        low = (grad_logits / rescale).to(student.dtype)
+    if grad_rows is not None:
+        grad_rows[chunk] = _rescaled(low @ student.weight, rescale)
+    if grad_weight is not None:
+        grad_weight.add_(_rescaled(low.t() @ inputs, rescale), alpha=1.0 / student.scale)
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
 
 
 def _rescaled(product: Tensor, scale: Tensor | None) -> Tensor:
     """A matmul result in float32, times the scale its gradient operand was divided by (None: 1)."""
     return product if scale is None else product.float() * scale
-
-
-def _chunk_terms(
-    logits: Tensor,
-    t_logits: Tensor | None,
-    selected: Tensor,
-    targets: Tensor,
-    is_target: Tensor,
-    temperature: float,
-    ce_scale: Tensor,
-    lm_scale: Tensor,
-    mse_scale: Tensor,
-    weights: tuple[float, float, float],
-) -> tuple[Tensor, Tensor]:
-    """One chunk's (kl sum, nll sum, squared-error sum) and the gradient of the weighted total on its logits.
-
-    Args:
-        logits, t_logits: (chunk, vocab) float32 student and teacher logits (the teacher's None when no
-            ce or mse).
-        selected, is_target: (chunk,) bool rows read by ce/mse, rows with an LM target.
-        targets: (chunk,) int64 LM target ids, 0 where there is none.
-        ce_scale, lm_scale, mse_scale: (chunk,) float32 per-row gradient coefficients, 0 off their rows.
-
-    Returns:
-        (sums (3,), grad_logits (chunk, vocab)), both float32.
-    """
-    w_ce, w_lm, w_mse = weights
-    zero = logits.new_zeros(())
-    kl_sum = nll_sum = squared_sum = zero
-    grad = torch.zeros_like(logits)
-    log_q = None
-    if w_ce > 0:
-        log_q = F.log_softmax(logits / temperature, dim=-1)
-        log_p = F.log_softmax(t_logits / temperature, dim=-1)
-        p = log_p.exp()
-        kl_rows = (p * (log_p - log_q)).sum(-1)
-        kl_sum = torch.where(selected, kl_rows, 0.0).sum()
-        grad += (log_q.exp() - p) * ce_scale[:, None]
-    if w_lm > 0:
-        log_r = log_q if log_q is not None and temperature == 1.0 else F.log_softmax(logits, dim=-1)
-        nll_rows = -log_r.gather(1, targets[:, None]).squeeze(1)
-        nll_sum = torch.where(is_target, nll_rows, 0.0).sum()
-        grad += log_r.exp() * lm_scale[:, None]
-        grad.scatter_add_(1, targets[:, None], -lm_scale[:, None])
-    if w_mse > 0:
-        diff = logits - t_logits
-        squared_sum = torch.where(selected, (diff * diff).sum(-1), 0.0).sum()
-        grad += diff * mse_scale[:, None]
-    return torch.stack([kl_sum, nll_sum, squared_sum]), grad
 
 
 def fused_vocabulary_losses(
@@ -367,7 +399,8 @@ def fused_vocabulary_losses(
     For rows r: s = s_rows @ W_s^T + b_s and t = t_rows @ W_t^T + b_t (the models' own projections, tied
     or not), then as in `compute_losses`, with the softmax sums in float32:
     ce = T^2 sum_{selected} KL(softmax(t/T) || softmax(s/T)) / n_selected,
-    lm = sum_{targets} -log softmax(s)[target] / n_targets, mse = sum_{selected} |s - t|^2 / n_selected.
+    lm = sum_{first len(targets) rows} -log softmax(s)[target] / len(targets),
+    mse = sum_{selected} |s - t|^2 / n_selected.
 
     Args:
         s_rows: (n_rows, dim_s) inputs of the student's projection (after any head transform).
@@ -376,7 +409,8 @@ def fused_vocabulary_losses(
             lower precision are fine); None when ce and mse weigh 0.
         t_projection: the teacher's vocabulary projection; None with t_rows.
         selected: (n_rows,) bool, rows read by ce and mse.
-        targets: (n_rows,) int64 LM target id of each row, -100 for rows without one.
+        targets: (n_targets,) int64 LM target ids of the first n_targets rows (the rows with a target
+            come first: their number is a shape, never read back from a device).
         weights: (w_ce, w_lm, w_mse) weights of the terms in the total; a 0 weight skips its term.
         temperature: softmax temperature T of ce.
         chunk_size: rows per chunk.
@@ -388,7 +422,7 @@ def fused_vocabulary_losses(
         term's value is meaningless).
     """
     t_weight, t_bias = (None, None) if t_projection is None else (t_projection.weight, t_projection.bias)
-    settings = (tuple(weights), temperature, chunk_size, autocast_dtype)
+    settings = _Settings(tuple(weights), temperature, chunk_size, autocast_dtype)
     return _ChunkedVocabularyLosses.apply(
         s_rows, s_projection.weight, s_projection.bias, t_rows, t_weight, t_bias, selected, targets, settings
     )
@@ -413,24 +447,29 @@ class TeacherOutput(NamedTuple):
 def _loss_rows(
     attention_mask: Tensor, lm_labels: Tensor, lm_term: str | None, restrict_ce_to_mask: bool, with_teacher: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The rows the vocabulary terms read, as `compute_losses` selects them.
+    """The rows the vocabulary terms read, as `compute_losses` selects them, those with an LM target first.
 
     Returns:
-        rows: (bs, seq_len) bool, the rows any vocabulary term reads;
-        selected: (n_rows,) bool, those ce and mse read (every real position, or the MLM targets);
-        targets: (n_rows,) int64, the id each row predicts (mlm: its label; clm: the next position's),
-            -100 for none.
+        rows: (n_rows,) int64 flat indices into (bs * seq_len): the rows with an LM target (mlm: a label;
+            clm: a label at the next position), then the other rows ce and mse read;
+        selected: (n_rows,) bool, the rows ce and mse read (every real position, or the MLM targets);
+        targets: (n_targets,) int64, the ids the first n_targets rows predict.
     """
-    targets = torch.full_like(lm_labels, IGNORE_INDEX)
+    next_ids = torch.full_like(lm_labels, IGNORE_INDEX)
     if lm_term == "mlm":
-        targets = lm_labels
+        next_ids = lm_labels
     elif lm_term == "clm":
-        targets[:, :-1] = lm_labels[:, 1:]
+        next_ids[:, :-1] = lm_labels[:, 1:]
+    has_target = (next_ids != IGNORE_INDEX).flatten()
     selected = lm_labels != IGNORE_INDEX if restrict_ce_to_mask else attention_mask
-    if not with_teacher:
-        selected = torch.zeros_like(attention_mask)
-    rows = selected | (targets != IGNORE_INDEX)
-    return rows, selected[rows], targets[rows]
+    selected = selected.flatten() if with_teacher else torch.zeros_like(has_target)
+    rows = torch.cat([has_target.nonzero().squeeze(1), (selected & ~has_target).nonzero().squeeze(1)])
+    return rows, selected[rows], next_ids.flatten()[has_target]
+
+
+def _flat_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """Rows `rows` (flat indices over its first two dimensions) of x (bs, seq_len, ...), copied without blocking."""
+    return x.flatten(0, 1).index_select(0, rows.to(x.device, non_blocking=True))
 
 
 class StudentWithLoss(nn.Module):
@@ -567,24 +606,26 @@ class StudentWithLoss(nn.Module):
         alphas = self.alphas
         weights = (alphas["ce"], alphas[self.lm_term] if self.lm_term else 0.0, alphas["mse"])
         with_teacher = weights[0] > 0 or weights[2] > 0
-        rows, selected, targets = _loss_rows(
-            attention_mask, lm_labels, self.lm_term, self.restrict_ce_to_mask, with_teacher
-        )
-        device = s_inputs.device
-        total, terms = fused_vocabulary_losses(
-            _rows(s_inputs, rows),
-            self.student.get_output_embeddings(),
-            _rows(teacher_output.logits, rows) if with_teacher else None,
-            teacher_output.projection if with_teacher else None,
-            selected.to(device, non_blocking=True),
-            targets.to(device, non_blocking=True),
-            weights,
-            self.temperature,
-            self.chunk_size,
-            autocast_dtype,
-        )
-        values = dict(zip(("ce", self.lm_term, "mse"), terms))
-        losses = {term: values[term] for term in LOSS_TERMS if term != "cos" and alphas[term] > 0}
+        losses, total = {}, s_inputs.new_zeros((), dtype=torch.float32)
+        if any(weight > 0 for weight in weights):
+            rows, selected, targets = _loss_rows(
+                attention_mask, lm_labels, self.lm_term, self.restrict_ce_to_mask, with_teacher
+            )
+            device = s_inputs.device
+            total, terms = fused_vocabulary_losses(
+                _flat_rows(s_inputs, rows),
+                self.student.get_output_embeddings(),
+                _flat_rows(teacher_output.logits, rows) if with_teacher else None,
+                teacher_output.projection if with_teacher else None,
+                selected.to(device, non_blocking=True),
+                targets.to(device, non_blocking=True),
+                weights,
+                self.temperature,
+                self.chunk_size,
+                autocast_dtype,
+            )
+            values = dict(zip(("ce", self.lm_term, "mse"), terms))
+            losses = {term: values[term] for term in LOSS_TERMS if term != "cos" and alphas[term] > 0}
         if self.want_hidden:
             losses["cos"] = _cosine_loss(_rows(s_hidden, attention_mask), _rows(teacher_output.hidden, attention_mask))
             total = total + alphas["cos"] * losses["cos"]
