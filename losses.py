@@ -306,12 +306,10 @@ def _chunked_losses_and_gradients(
             grad_logits = grad_ce if grad_logits is None else grad_logits.add_(grad_ce)
         lm_rows = slice(0, max(0, min(n_targets - start, logits.size(0))))  # rows with a target come first
         if w_lm > 0 and lm_rows.stop > 0:
-            nll_sum, grad_lm = _nll_and_gradient(logits[lm_rows], targets[chunk], 1.0 / logit_scale, lm_factor)
+            grad_lm = None if grad_logits is None else grad_logits[lm_rows]  # None: no teacher term, all rows have one
+            nll_sum, grad_lm = _nll_and_gradient(logits[lm_rows], targets[chunk], 1.0 / logit_scale, lm_factor, grad_lm)
             sums[1] += nll_sum
-            if grad_logits is None:  # no teacher term: every row has a target
-                grad_logits = grad_lm
-            else:
-                grad_logits[lm_rows] += grad_lm
+            grad_logits = grad_lm if grad_logits is None else grad_logits
         del logits, t_logits
         _accumulate_gradients(grad_logits, inputs, student, grad_rows, grad_weight, grad_bias, chunk)
 
@@ -330,21 +328,28 @@ def _kl_and_gradient(s_scaled: Tensor, t_scaled: Tensor, factor: Tensor) -> tupl
     log_q = F.log_softmax(s_scaled, dim=-1)
     log_p = F.log_softmax(t_scaled, dim=-1)
     p = torch.exp(log_p, out=t_scaled)
-    kl_rows = torch.linalg.vecdot(p, log_p) - torch.linalg.vecdot(p, log_q)
+    kl_rows = torch.linalg.vecdot(p, log_p.sub_(log_q))
     del log_p
     return kl_rows, torch.exp(log_q, out=log_q).sub_(p).mul_(factor)
 
 
-def _nll_and_gradient(logits_scaled: Tensor, targets: Tensor, unscale: float, factor: float) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of the rows against `targets` and its gradient `factor x (softmax - one_hot)`.
+def _nll_and_gradient(
+    logits_scaled: Tensor, targets: Tensor, unscale: float, factor: float, grad: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of the rows against `targets`, and its gradient `factor x (softmax - one_hot)`
+    added to `grad` (None: a new tensor).
 
     logits_scaled: (rows, vocab) logits times 1/unscale; targets: (>= rows,) ids, the first `rows` used.
+
+    Returns:
+        (nll sum, grad).
     """
     logits = logits_scaled * unscale if unscale != 1.0 else logits_scaled
-    log_r = F.log_softmax(logits, dim=-1)
-    targets = targets[: log_r.size(0), None]
-    nll_sum = -log_r.gather(1, targets).sum()
-    grad = torch.exp(log_r, out=log_r).mul_(factor)
+    probabilities = F.log_softmax(logits, dim=-1)
+    targets = targets[: probabilities.size(0), None]
+    nll_sum = -probabilities.gather(1, targets).sum()
+    probabilities.exp_()
+    grad = probabilities.mul_(factor) if grad is None else grad.add_(probabilities, alpha=factor)
     grad.scatter_add_(1, targets, grad.new_full(targets.shape, -factor))
     return nll_sum, grad
 

@@ -88,8 +88,7 @@ class OriginalLoss(nn.Module):
 def make_distiller(variant: str, student: nn.Module, teacher: nn.Module, vocab: int, batch_size: int,
                    seq_len: int, chunk_size: int, data: list[np.ndarray]) -> Distiller:
     """A non-writing, single-process Distiller of `variant` over `data`, training `student` in place."""
-    params = bench_params(torch.device("cpu"), batch_size, seq_len, bf16=False)
-    params.loss_chunk_size = 0 if variant != "fused" else chunk_size
+    params = bench_params(torch.device("cpu"), batch_size, seq_len, False, chunk_size if variant == "fused" else 0)
     params.group_by_size = True
     token_probs = torch.ones(vocab)
     token_probs[list(SPECIAL_TOK_IDS.values())] = 0.0

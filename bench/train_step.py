@@ -103,7 +103,9 @@ def forward_flops_per_token(n_layers: int, hidden: int, seq_len: int) -> int:
     return layers + head
 
 
-def bench_params(device: torch.device, batch_size: int, seq_len: int, bf16: bool) -> Namespace:
+def bench_params(
+    device: torch.device, batch_size: int, seq_len: int, bf16: bool, loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE
+) -> Namespace:
     """train.py's namespace for the DistilBERT recipe in one non-writing process (is_master False)."""
     params = build_parser().parse_args(
         [
@@ -114,6 +116,7 @@ def bench_params(device: torch.device, batch_size: int, seq_len: int, bf16: bool
         ]
     )
     params.bf16 = bf16
+    params.loss_chunk_size = loss_chunk_size
     params.n_gpu = 1 if device.type == "cuda" else 0
     params.device = device
     params.is_master = False  # no tensorboard, no checkpoints
@@ -151,11 +154,11 @@ def peak_rss_sampler(period_s: float = 0.002) -> Iterator[dict[str, int]]:
 
 
 def run_setting(shape: Shape, device: torch.device, batch_size: int, seq_len: int, bf16: bool, warmup: int,
-                iters: int) -> dict[str, float]:
+                iters: int, loss_chunk_size: int) -> dict[str, float]:
     """Time `iters` Distiller steps after `warmup`; returns tokens/s, seconds per step and peak memory (MB)."""
     torch.manual_seed(0)
     student, teacher = build_models(shape)
-    params = bench_params(device, batch_size, seq_len, bf16)
+    params = bench_params(device, batch_size, seq_len, bf16, loss_chunk_size)
     dataset = LmSeqsDataset(params, synthetic_data(batch_size * (warmup + iters), seq_len))
     counts = np.ones(VOCAB_SIZE)
     token_probs = torch.from_numpy(counts**-0.7).float()
@@ -193,13 +196,13 @@ def run_setting(shape: Shape, device: torch.device, batch_size: int, seq_len: in
 def report(shape: Shape, device: torch.device, settings: list[tuple[int, int]], bf16: bool, args) -> None:
     """Run and print every (batch size, sequence length) setting of one device."""
     precision = "bf16 autocast" if bf16 else "fp32"
-    print(f"\n== {device.type.upper()}: {shape.describe()}; {precision}; "
+    print(f"\n== {device.type.upper()}: {shape.describe()}; {precision}; --loss_chunk_size {args.loss_chunk_size}; "
           f"{args.warmup} warm-up + {args.iters} timed steps")
     memory_kind = "peak allocated" if device.type == "cuda" else "peak process RSS"
     header = f"{'seq_len':>7} {'batch':>5} {'tokens/s':>10} {'s/step':>8} {memory_kind + ' (MB)':>24}"
     print(header + (f" {'TFLOP/s':>8} {'MFU':>6}" if device.type == "cuda" else ""))
     for batch_size, seq_len in settings:
-        result = run_setting(shape, device, batch_size, seq_len, bf16, args.warmup, args.iters)
+        result = run_setting(shape, device, batch_size, seq_len, bf16, args.warmup, args.iters, args.loss_chunk_size)
         line = (f"{seq_len:>7} {batch_size:>5} {result['tokens_per_s']:>10.0f} {result['s_per_step']:>8.3f} "
                 f"{result['peak_mb']:>24.0f}")
         if device.type == "cuda":

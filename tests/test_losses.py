@@ -240,6 +240,23 @@ def test_fp16_keeps_gradients_below_its_range():
         assert (got_grad - want_grad).norm() <= 5e-3 * want_grad.norm(), name
 
 
+def test_a_bfloat16_teacher_with_a_float32_student():
+    """A teacher held in bfloat16 (inference tensors, no autocast): both paths take the same bf16 teacher logits
+    (dividing by T = 2 is exact), so the terms and gradients agree as in float32."""
+    student, teacher = make_models("gpt2", "gpt2")
+    teacher.to(torch.bfloat16)
+    batch = make_batch(mlm=False)
+    alphas = make_alphas(False, WEIGHTS["all"])
+    results = []
+    for chunk_size in (0, OTHER_CHUNK):
+        student.zero_grad(set_to_none=True)
+        wrapper = StudentWithLoss(student, alphas, 2.0, False, chunk_size, teacher)
+        _, losses = wrapper_step(wrapper, teacher, batch, False)
+        results.append((losses, gradients(student)))
+    (want_losses, want_grads), (got_losses, got_grads) = results
+    assert_same_losses_and_gradients(got_losses, got_grads, want_losses, want_grads)
+
+
 # ---------------------------------------------------------------- memory: never more than a chunk of logits
 
 
