@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from argparse import Namespace
-from collections.abc import Callable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterator, Sized
 from contextlib import nullcontext
 from functools import partial
 from itertools import islice
@@ -37,6 +37,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
+from losses import DEFAULT_LOSS_CHUNK_SIZE, LOSS_TERMS, TEACHER_TERMS, StudentWithLoss
 from model_card import render_model_card
 from utils import (
     IGNORE_INDEX,
@@ -55,10 +56,6 @@ from utils import (
 
 if TYPE_CHECKING:
     from lm_seqs_dataset import LmSeqsDataset
-
-LOSS_TERMS = ("ce", "mlm", "clm", "mse", "cos")
-# Terms that compare with the teacher: when all of them weigh 0 the teacher is never run.
-TEACHER_TERMS = ("ce", "mse", "cos")
 
 # What the exported student's generation config keeps from its model config.
 GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -160,98 +157,6 @@ def round_batch_for_fp16(token_ids: Tensor, lengths: Tensor, pad_id: int) -> tup
     if pad:
         token_ids = F.pad(token_ids, (0, pad), value=pad_id)
     return token_ids, lengths
-
-
-def _rows(x: Tensor, mask: Tensor) -> Tensor:
-    """`x[mask]` for a (bs, seq_len) bool mask: the selected rows of x (bs, seq_len, ...), in row-major order.
-
-    A mask on the host selects a device tensor without a device sync: its indices are found on the host
-    and copied without blocking (a device mask would need its count read back first).
-    """
-    if mask.device == x.device:
-        return x[mask]
-    rows, cols = (index.to(x.device, non_blocking=True) for index in mask.nonzero(as_tuple=True))
-    return x[rows, cols]
-
-
-def _kl_distillation(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) summed over the vocabulary, averaged over rows, times T^2 (Hinton et al.).
-
-    The teacher side is given as log-probabilities: the same value, without kl_div taking the log of
-    every probability again (a third of the term's time on a CPU).
-    """
-    log_p_student = F.log_softmax(s_logits / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(t_logits / temperature, dim=-1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
-
-
-def _token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the positions whose label is not -100; logits (..., vocab), labels (...)."""
-    targets = labels != IGNORE_INDEX
-    return F.cross_entropy(_rows(logits, targets).float(), labels[targets].to(logits.device, non_blocking=True))
-
-
-def _cosine_loss(s_hidden: Tensor, t_hidden: Tensor) -> Tensor:
-    """Mean of 1 - cos(student row, teacher row); both (n_rows, dim)."""
-    return (1.0 - F.cosine_similarity(s_hidden.float(), t_hidden.float(), dim=-1)).mean()
-
-
-def compute_losses(
-    s_logits: Tensor,
-    t_logits: Tensor | None,
-    s_hidden: Tensor | None,
-    t_hidden: Tensor | None,
-    attention_mask: Tensor,
-    lm_labels: Tensor,
-    alphas: Mapping[str, float],
-    temperature: float,
-    restrict_ce_to_mask: bool = False,
-) -> dict[str, Tensor]:
-    """The distillation loss terms whose weight is > 0, each a float32 0-dim tensor.
-
-    - ce: KL(softmax(t/T) || softmax(s/T)) summed over the vocabulary, averaged over the selected
-      positions, times T^2. Selected: every real position, or only the MLM targets when
-      `restrict_ce_to_mask`.
-    - mlm: student cross-entropy on the MLM targets (labels != -100).
-    - clm: student cross-entropy predicting token i + 1 from position i.
-    - mse: squared error between student and teacher logits, summed over the selected positions and
-      divided by their number.
-    - cos: mean over real positions of 1 - cos(student, teacher last hidden state).
-
-    Args:
-        s_logits: (bs, seq_len, vocab) student logits.
-        t_logits: (bs, seq_len, vocab) teacher logits; only read when a TEACHER_TERMS weight is > 0.
-        s_hidden: (bs, seq_len, dim) student last hidden state; only read when alphas["cos"] > 0.
-        t_hidden: (bs, seq_len, dim) teacher last hidden state; only read when alphas["cos"] > 0.
-        attention_mask: (bs, seq_len) bool, True on real tokens.
-        lm_labels: (bs, seq_len) int64, -100 where there is nothing to predict.
-            Both may live on the host while the logits are on an accelerator: rows are then selected
-            without a device sync (see `_rows`).
-        alphas: weight of each term in LOSS_TERMS; terms with weight 0 are not computed.
-        temperature: softmax temperature T of the ce term.
-        restrict_ce_to_mask: select only the MLM targets for ce and mse.
-
-    Returns:
-        {term: loss} in LOSS_TERMS order, for the terms with alphas[term] > 0.
-    """
-    selected = lm_labels != IGNORE_INDEX if restrict_ce_to_mask else attention_mask  # (bs, seq_len) bool
-
-    def selected_logits() -> tuple[Tensor, Tensor]:
-        # Select rows, never a (bs, seq_len, vocab) mask: (n_selected, vocab) each.
-        return _rows(s_logits, selected).float(), _rows(t_logits, selected).float()
-
-    def mse() -> Tensor:
-        s_rows, t_rows = selected_logits()
-        return F.mse_loss(s_rows, t_rows, reduction="sum") / s_rows.size(0)
-
-    terms = {
-        "ce": lambda: _kl_distillation(*selected_logits(), temperature),
-        "mlm": lambda: _token_cross_entropy(s_logits, lm_labels),
-        "clm": lambda: _token_cross_entropy(s_logits[:, :-1], lm_labels[:, 1:]),
-        "mse": mse,
-        "cos": lambda: _cosine_loss(_rows(s_hidden, attention_mask), _rows(t_hidden, attention_mask)),
-    }
-    return {term: loss() for term, loss in terms.items() if alphas[term] > 0}
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -578,10 +483,15 @@ class Distiller:
         self.eval_interval = getattr(params, "eval_interval", 0)
         self.raw_student = student.to(self.device).train()
         self.vocab_size = self.raw_student.config.vocab_size
+        # The student and its loss in one module (and, for a narrower student, the projection of its hidden states).
+        self.distillation = StudentWithLoss(
+            self.raw_student, self.alphas, self.temperature, self.restrict_ce_to_mask,
+            getattr(params, "loss_chunk_size", DEFAULT_LOSS_CHUNK_SIZE), self.teacher, self.seed,
+        )
 
         logger.info("--- Initializing model optimizer")
         self.optimizer = torch.optim.AdamW(
-            optimizer_groups(self.raw_student, params.weight_decay),
+            optimizer_groups(self.distillation, params.weight_decay),
             lr=params.learning_rate,
             eps=params.adam_epsilon,
             betas=(0.9, 0.98),
@@ -597,7 +507,7 @@ class Distiller:
             num_training_steps=self.num_train_optimization_steps,
         )
         n_trainable = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
-        n_total = sum(p.numel() for p in self.raw_student.parameters())
+        n_total = sum(p.numel() for p in self.distillation.parameters())
         logger.info(f"Number of trainable parameters (student): {n_trainable} of {n_total}")
 
         # Decided once: autocast context and loss scaler (a disabled GradScaler is a pass-through).
@@ -626,8 +536,6 @@ class Distiller:
         self.last_log = time.time()
         self.n_tokens_since_log = 0
         self.window_start: dict | None = None  # resume point at the start of the current accumulation window
-        # Only the cosine loss reads hidden states: without it, neither model keeps every layer's output.
-        self.want_hidden = self.alphas["cos"] > 0
         self.stop_signals = _StopSignals()
         self.stop_signal = 0  # the signal every process agreed to stop on at the last optimizer step; 0: none
         self.resumed = training_state is not None
@@ -635,15 +543,17 @@ class Distiller:
         if self.resumed:
             self._restore(training_state)
 
-        if self.multi_gpu:
-            logger.info("Using DistributedDataParallel for the student")
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student = DistributedDataParallel(self.raw_student, device_ids=device_ids)
-        else:
-            self.student = self.raw_student
         if getattr(params, "compile", False):
             # A compiled wrapper for the steps only; raw_student (same parameters) is what is saved and restored.
-            self.student = torch.compile(self.student)
+            self.distillation.student = torch.compile(self.raw_student)
+        if self.multi_gpu:
+            logger.info("Using DistributedDataParallel for the student and its loss")
+            # No device_ids: DDP would copy every input to the device, the host masks that select loss rows too.
+            self.model = DistributedDataParallel(self.distillation)
+        else:
+            self.model = self.distillation
+        # What the steps train: the DDP module (no_sync, communication hooks), or the student given, in place.
+        self.student = self.model if self.multi_gpu else self.distillation.student
 
         # Opened by `train`: building a Distiller writes nothing, so train.py can build (and check)
         # everything before it touches --dump_path.
@@ -794,31 +704,15 @@ class Distiller:
         # [F] the CLM models run without a mask: padding is at the end and attention is causal.
         model_mask = self._to_device(attention_mask) if self.mlm else None
         # Under DDP, all-reduce gradients only on the micro-batch that steps the optimizer.
-        sync_context = self.student.no_sync() if self.multi_gpu and not stepping else nullcontext()
+        sync_context = self.model.no_sync() if self.multi_gpu and not stepping else nullcontext()
         with sync_context:
             with self.autocast:
                 t_output = None
                 if self.teacher is not None:
                     # Inference mode (no autograd bookkeeping at all), in the autocast dtype.
                     with torch.inference_mode():
-                        t_output = self.teacher(
-                            input_ids=input_ids, attention_mask=model_mask, output_hidden_states=self.want_hidden
-                        )
-                s_output = self.student(
-                    input_ids=input_ids, attention_mask=model_mask, output_hidden_states=self.want_hidden
-                )
-            losses = compute_losses(
-                s_output.logits,
-                t_output.logits if t_output is not None else None,
-                s_output.hidden_states[-1] if self.want_hidden else None,
-                t_output.hidden_states[-1] if self.want_hidden else None,
-                attention_mask,
-                lm_labels,
-                self.alphas,
-                self.temperature,
-                self.restrict_ce_to_mask,
-            )
-            loss = sum(self.alphas[term] * value for term, value in losses.items())
+                        t_output = self.distillation.teacher_output(self.teacher, input_ids, model_mask)
+                loss, losses = self.model(input_ids, model_mask, attention_mask, lm_labels, t_output)
             self.scaler.scale(loss / self.gradient_accumulation_steps).backward()
 
         self._record(loss, losses)
@@ -853,7 +747,7 @@ class Distiller:
         the next boundary.
         """
         self.scaler.unscale_(self.optimizer)
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm).detach()
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).detach()
         self.stop_signal = self._check_finite_and_stop()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -1061,6 +955,7 @@ class Distiller:
         state = {
             "format": TRAINING_STATE_FORMAT,
             "student": self.raw_student.state_dict(),
+            "loss": self.distillation.loss_state_dict(),  # what is trained besides the student (never exported)
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -1087,6 +982,7 @@ class Distiller:
         if problem is None:
             try:
                 self.raw_student.load_state_dict(state["student"])
+                self.distillation.load_loss_state_dict(state.get("loss", {}))
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
                 self.scaler.load_state_dict(state["scaler"])

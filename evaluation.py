@@ -18,7 +18,9 @@ import math
 import os
 import pickle
 from argparse import Namespace
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from itertools import repeat
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
 
 from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
+from losses import DEFAULT_LOSS_CHUNK_SIZE, fusion_blocker, logit_chunks, projection_inputs_as_logits
 from scripts.cli_flags import ArgumentParser, number, positive_int
 from scripts.model_families import auto_lm_class, auto_markers, embeddable_positions, is_masked_lm
 from scripts.token_data import TokenDataError, is_mmap_file, load_token_id_arrays, load_token_id_mmap
@@ -120,14 +123,27 @@ def build_eval_batches(
     return batches
 
 
-def _target_logits(model: nn.Module, batch: EvalBatch, mlm: bool, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Float logits at the target positions and their labels: (n_targets, vocab), (n_targets,)."""
+def _target_logit_chunks(
+    model: nn.Module, batch: EvalBatch, mlm: bool, device: torch.device, chunk_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Float logits at the target positions and their labels, `chunk_size` rows at a time (0: all at once).
+
+    Yields:
+        (logits (rows, vocab), labels (rows,)), in target order.
+    """
     input_ids, attention_mask, labels = (t.to(device) for t in batch)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    with projection_inputs_as_logits(model) if chunk_size else nullcontext():
+        rows = model(input_ids=input_ids, attention_mask=attention_mask).logits
     if not mlm:  # position i predicts token i + 1
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        rows, labels = rows[:, :-1], labels[:, 1:]
     targets = labels != IGNORE_INDEX
-    return logits[targets].float(), labels[targets]
+    rows, labels = rows[targets], labels[targets]
+    if not chunk_size:
+        yield rows.float(), labels
+        return
+    starts = range(0, labels.numel(), chunk_size)
+    for start, logits in zip(starts, logit_chunks(rows, model.get_output_embeddings(), chunk_size)):
+        yield logits, labels[start : start + chunk_size]
 
 
 @torch.inference_mode()
@@ -137,8 +153,13 @@ def evaluate_model(
     mlm: bool,
     teacher: nn.Module | None = None,
     device: torch.device | str = "cpu",
+    loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
 ) -> dict[str, float]:
     """Evaluate `model` on fixed batches; compare it with `teacher` when one is given.
+
+    The logits are computed `loss_chunk_size` target rows at a time, as training's fused losses do, so that
+    large vocabularies never need full logits (0, or a model whose logits are not a plain projection:
+    all target rows at once).
 
     Returns:
         `loss` (mean cross-entropy over targets), `perplexity` (exp of it), `accuracy` (top-1),
@@ -150,18 +171,22 @@ def evaluate_model(
     model.eval()
     if teacher is not None:
         teacher.eval()
+    models = [model] if teacher is None else [model, teacher]
+    chunk_size = loss_chunk_size if all(fusion_blocker(m) is None for m in models) else 0
     nll = correct = agree = kl = 0.0
     n_targets = 0
     for batch in batches:
-        logits, labels = _target_logits(model, batch, mlm, device)
-        n_targets += labels.numel()
-        nll += F.cross_entropy(logits, labels, reduction="sum").item()
-        predictions = logits.argmax(dim=-1)
-        correct += (predictions == labels).sum().item()
-        if teacher is not None:
-            t_logits, _ = _target_logits(teacher, batch, mlm, device)
-            agree += (predictions == t_logits.argmax(dim=-1)).sum().item()
-            kl += F.kl_div(logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True, reduction="sum").item()
+        chunks = _target_logit_chunks(model, batch, mlm, device, chunk_size)
+        t_chunks = _target_logit_chunks(teacher, batch, mlm, device, chunk_size) if teacher is not None else repeat(None)
+        for (logits, labels), t_chunk in zip(chunks, t_chunks):
+            n_targets += labels.numel()
+            nll += F.cross_entropy(logits, labels, reduction="sum").item()
+            predictions = logits.argmax(dim=-1)
+            correct += (predictions == labels).sum().item()
+            if t_chunk is not None:
+                t_logits = t_chunk[0]
+                agree += (predictions == t_logits.argmax(dim=-1)).sum().item()
+                kl += F.kl_div(logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True, reduction="sum").item()
     model.train(was_training)
     if n_targets == 0:
         raise UserError("the evaluation data has no target positions")
@@ -182,11 +207,15 @@ class Evaluator:
         device: where the batches are sent.
     """
 
-    def __init__(self, batches: Sequence[EvalBatch], mlm: bool, teacher: nn.Module | None, device: torch.device | str):
+    def __init__(
+        self, batches: Sequence[EvalBatch], mlm: bool, teacher: nn.Module | None, device: torch.device | str,
+        loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
+    ):
         self.batches, self.mlm, self.teacher, self.device = batches, mlm, teacher, device
+        self.loss_chunk_size = loss_chunk_size
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        return evaluate_model(model, self.batches, self.mlm, self.teacher, self.device)
+        return evaluate_model(model, self.batches, self.mlm, self.teacher, self.device, self.loss_chunk_size)
 
 
 def load_model(name_or_path: str, config_path: str | None = None) -> nn.Module:

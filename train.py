@@ -80,8 +80,9 @@ import run_folder
 from distiller import LOSS_TERMS, TEACHER_TERMS, TRAINING_STATE, Distiller, load_training_state
 from evaluation import Evaluator, build_eval_batches, check_token_ids, load_binarized_data, load_token_file
 from lm_seqs_dataset import LmSeqsDataset
+from losses import DEFAULT_LOSS_CHUNK_SIZE
 from run_folder import RunFolderLock
-from scripts.cli_flags import ArgumentParser, out_of_range
+from scripts.cli_flags import ArgumentParser, non_negative_int, out_of_range
 from scripts.model_families import auto_markers, embeddable_positions
 from scripts.token_data import load_token_counts
 from utils import (
@@ -311,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="[+] torch.compile the student for the training steps (checkpoints stay plain state dicts). The "
         "first steps are slow while it compiles; worth it for long GPU runs.",
+    )
+    parser.add_argument(
+        "--loss_chunk_size",
+        type=non_negative_int,
+        default=DEFAULT_LOSS_CHUNK_SIZE,
+        help="[+] Rows of logits at a time in the losses over the vocabulary (and in evaluation): the final "
+        "vocabulary projections and the ce/mlm/clm/mse terms are computed chunk by chunk, with their gradients, "
+        "so that no (rows x vocabulary) tensor larger than a chunk exists. 0: full logits, as the original.",
     )
     parser.add_argument(
         "--local_rank",
@@ -667,16 +676,15 @@ def build_evaluator(args: Namespace, teacher: nn.Module | None, vocab_size: int)
     batches = build_eval_batches(
         held_out, args.batch_size, args.mlm, special.values(), special.get("mask_token"), args.mlm_mask_prop, args.seed
     )
-    return Evaluator(batches, args.mlm, teacher, args.device)
+    return Evaluator(batches, args.mlm, teacher, args.device, args.loss_chunk_size)
 
 
 def check_compatibility(student: nn.Module, teacher_config: PretrainedConfig, counts: Sequence[int] | None) -> None:
-    """Student and teacher must agree on vocabulary, hidden size and positions; the counts on the vocabulary."""
-    for what, attribute in (
-        ("vocabulary size", "vocab_size"),
-        ("hidden size", "hidden_size"),
-        ("maximum positions", "max_position_embeddings"),
-    ):
+    """Student and teacher must agree on vocabulary and positions; the counts on the vocabulary.
+
+    [+] The hidden sizes may differ: the cosine loss then goes through a learned projection (losses.py).
+    """
+    for what, attribute in (("vocabulary size", "vocab_size"), ("maximum positions", "max_position_embeddings")):
         s_value, t_value = getattr(student.config, attribute), getattr(teacher_config, attribute)
         if s_value != t_value:
             raise UserError(

@@ -3,11 +3,15 @@
 Usage (or as `python -m bench.train_step` from the repository root):
     python bench/train_step.py                 # CPU (scaled-down models), plus real shapes on CUDA if present
     python bench/train_step.py --skip_cpu --peak_tflops 989
+    python bench/train_step.py --threads 1 --large_vocab 128000 --loss_chunk_size 256
 
 CPU: a BERT teacher and DistilBERT student with the real vocabulary (30522) but scaled-down depth and
-width (printed), at sequence lengths 128 and 512, fp32. CUDA: the real DistilBERT shapes (12-layer
-768-wide BERT teacher, 6-layer student) in bf16, with model FLOPs utilisation against --peak_tflops
-(default: H200 dense bf16, ~989 TFLOP/s).
+width (printed), at sequence lengths 128 and 512, fp32; then a large-vocabulary case, a tiny GPT-2-style
+decoder (teacher 2 layers, student 1, --decoder_width wide) at --large_vocab entries (today's tokenizers:
+128k-262k), its step with the fused vocabulary losses (--loss_chunk_size) and with full logits
+(--loss_chunk_size 0), interleaved: tokens/s and peak process RSS. CUDA: the real DistilBERT shapes
+(12-layer 768-wide BERT teacher, 6-layer student) in bf16, with model FLOPs utilisation against
+--peak_tflops (default: H200 dense bf16, ~989 TFLOP/s).
 
 Each measured step is the real training path, as `Distiller.train` runs it: prepare_batch_mlm (masking
 on the host) -> `Distiller.step` (non-blocking copies, teacher forward in inference mode, student
@@ -22,6 +26,7 @@ loss/softmax work are not counted). Without the attention terms this is 2 N_t + 
 """
 
 import argparse
+import copy
 import resource
 import sys
 import threading
@@ -35,13 +40,21 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 if not __package__:  # run as `python bench/train_step.py`: import the project from the repository root, as -m does
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distiller import Distiller  # noqa: E402
 from lm_seqs_dataset import LmSeqsDataset  # noqa: E402
+from losses import DEFAULT_LOSS_CHUNK_SIZE  # noqa: E402
 from train import build_parser  # noqa: E402
 
 VOCAB_SIZE = 30522
@@ -69,18 +82,18 @@ CPU_SHAPE = Shape(hidden=256, heads=4, teacher_layers=4, student_layers=2)
 REAL_SHAPE = Shape(hidden=768, heads=12, teacher_layers=12, student_layers=6)
 
 
-def build_models(shape: Shape) -> tuple[DistilBertForMaskedLM, BertForMaskedLM]:
+def build_models(shape: Shape, vocab_size: int = VOCAB_SIZE) -> tuple[DistilBertForMaskedLM, BertForMaskedLM]:
     """Randomly initialised student and teacher of `shape`, hidden states on (the cosine loss needs them)."""
     teacher = BertForMaskedLM(
         BertConfig(
-            vocab_size=VOCAB_SIZE, hidden_size=shape.hidden, num_hidden_layers=shape.teacher_layers,
+            vocab_size=vocab_size, hidden_size=shape.hidden, num_hidden_layers=shape.teacher_layers,
             num_attention_heads=shape.heads, intermediate_size=4 * shape.hidden,
             max_position_embeddings=shape.max_positions, output_hidden_states=True,
         )
     )
     student = DistilBertForMaskedLM(
         DistilBertConfig(
-            vocab_size=VOCAB_SIZE, dim=shape.hidden, n_layers=shape.student_layers, n_heads=shape.heads,
+            vocab_size=vocab_size, dim=shape.hidden, n_layers=shape.student_layers, n_heads=shape.heads,
             hidden_dim=4 * shape.hidden, max_position_embeddings=shape.max_positions, sinusoidal_pos_embds=True,
             output_hidden_states=True,
         )
@@ -95,7 +108,9 @@ def forward_flops_per_token(n_layers: int, hidden: int, seq_len: int) -> int:
     return layers + head
 
 
-def bench_params(device: torch.device, batch_size: int, seq_len: int, bf16: bool) -> Namespace:
+def bench_params(
+    device: torch.device, batch_size: int, seq_len: int, bf16: bool, loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE
+) -> Namespace:
     """train.py's namespace for the DistilBERT recipe in one non-writing process (is_master False)."""
     params = build_parser().parse_args(
         [
@@ -106,6 +121,7 @@ def bench_params(device: torch.device, batch_size: int, seq_len: int, bf16: bool
         ]
     )
     params.bf16 = bf16
+    params.loss_chunk_size = loss_chunk_size
     params.n_gpu = 1 if device.type == "cuda" else 0
     params.device = device
     params.is_master = False  # no tensorboard, no checkpoints
@@ -143,11 +159,11 @@ def peak_rss_sampler(period_s: float = 0.002) -> Iterator[dict[str, int]]:
 
 
 def run_setting(shape: Shape, device: torch.device, batch_size: int, seq_len: int, bf16: bool, warmup: int,
-                iters: int) -> dict[str, float]:
+                iters: int, loss_chunk_size: int) -> dict[str, float]:
     """Time `iters` Distiller steps after `warmup`; returns tokens/s, seconds per step and peak memory (MB)."""
     torch.manual_seed(0)
     student, teacher = build_models(shape)
-    params = bench_params(device, batch_size, seq_len, bf16)
+    params = bench_params(device, batch_size, seq_len, bf16, loss_chunk_size)
     dataset = LmSeqsDataset(params, synthetic_data(batch_size * (warmup + iters), seq_len))
     counts = np.ones(VOCAB_SIZE)
     token_probs = torch.from_numpy(counts**-0.7).float()
@@ -185,13 +201,13 @@ def run_setting(shape: Shape, device: torch.device, batch_size: int, seq_len: in
 def report(shape: Shape, device: torch.device, settings: list[tuple[int, int]], bf16: bool, args) -> None:
     """Run and print every (batch size, sequence length) setting of one device."""
     precision = "bf16 autocast" if bf16 else "fp32"
-    print(f"\n== {device.type.upper()}: {shape.describe()}; {precision}; "
+    print(f"\n== {device.type.upper()}: {shape.describe()}; {precision}; --loss_chunk_size {args.loss_chunk_size}; "
           f"{args.warmup} warm-up + {args.iters} timed steps")
     memory_kind = "peak allocated" if device.type == "cuda" else "peak process RSS"
     header = f"{'seq_len':>7} {'batch':>5} {'tokens/s':>10} {'s/step':>8} {memory_kind + ' (MB)':>24}"
     print(header + (f" {'TFLOP/s':>8} {'MFU':>6}" if device.type == "cuda" else ""))
     for batch_size, seq_len in settings:
-        result = run_setting(shape, device, batch_size, seq_len, bf16, args.warmup, args.iters)
+        result = run_setting(shape, device, batch_size, seq_len, bf16, args.warmup, args.iters, args.loss_chunk_size)
         line = (f"{seq_len:>7} {batch_size:>5} {result['tokens_per_s']:>10.0f} {result['s_per_step']:>8.3f} "
                 f"{result['peak_mb']:>24.0f}")
         if device.type == "cuda":
@@ -203,18 +219,87 @@ def report(shape: Shape, device: torch.device, settings: list[tuple[int, int]], 
         print(line, flush=True)
 
 
+def decoder_distillers(args, device: torch.device) -> dict[str, Distiller]:
+    """GPT-2-style teacher and student at a large vocabulary (CLM, alpha ce/clm/cos = 5/2/1), one Distiller per
+    --loss_chunk_size (fused) and 0 (full logits), each with its own copy of the same initial student."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=args.large_vocab, n_embd=args.decoder_width, n_head=4, n_positions=args.decoder_seq_len,
+                  bos_token_id=0, eos_token_id=0, output_hidden_states=True)
+    teacher = GPT2LMHeadModel(GPT2Config(n_layer=2, **config))
+    student = GPT2LMHeadModel(GPT2Config(n_layer=1, **config))
+    rng = np.random.default_rng(0)
+    data = [np.array([0, *row, 0], dtype=np.int32)
+            for row in rng.integers(1, args.large_vocab, size=(args.decoder_batch, args.decoder_seq_len - 2))]
+    distillers = {}
+    for name, chunk_size in (("fused", args.loss_chunk_size), ("full logits", 0)):
+        params = build_parser().parse_args(
+            ["--dump_path", "unused", "--data_file", "unused", "--student_type", "gpt2", "--student_config", "unused",
+             "--teacher_type", "gpt2", "--teacher_name", "unused", "--alpha_ce", "5.0", "--alpha_clm", "2.0",
+             "--alpha_cos", "1.0", "--batch_size", str(args.decoder_batch), "--gradient_accumulation_steps", "1",
+             "--loss_chunk_size", str(chunk_size)]
+        )
+        params.n_gpu, params.device, params.is_master = 0, device, False
+        params.multi_gpu = params.multi_node = False
+        params.world_size, params.global_rank, params.local_rank = 1, 0, 0
+        params.special_tok_ids = {"bos_token": 0, "eos_token": 0, "unk_token": 0}
+        params.max_model_input_size = args.decoder_seq_len
+        distillers[name] = Distiller(params, LmSeqsDataset(params, data), None, copy.deepcopy(student), teacher)
+    return distillers
+
+
+def report_large_vocabulary(args) -> None:
+    """Fused against full logits on a tiny decoder at a modern vocabulary: tokens/s and peak RSS, interleaved."""
+    distillers = decoder_distillers(args, torch.device("cpu"))
+    first = next(iter(distillers.values()))
+    dataset = first.dataloader.dataset
+    batch = first.prepare_batch_clm(dataset.batch_sequences([dataset[i] for i in range(len(dataset))]))
+    for distiller in distillers.values():
+        distiller.step(input_ids=batch[0], attention_mask=batch[1], lm_labels=batch[2])  # warm-up
+    baseline = psutil.Process().memory_info().rss
+    seconds, peaks = {name: [] for name in distillers}, {name: 0 for name in distillers}
+    order = list(distillers)
+    for _ in range(args.iters):
+        for name in order:
+            with peak_rss_sampler() as rss:
+                start = time.perf_counter()
+                distillers[name].step(input_ids=batch[0], attention_mask=batch[1], lm_labels=batch[2])
+                seconds[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], rss["peak"])
+        order.reverse()
+    tokens = args.decoder_batch * args.decoder_seq_len
+    print(f"\n== CPU: GPT-2-style decoder, teacher 2 x {args.decoder_width} / student 1 x {args.decoder_width}, vocab "
+          f"{args.large_vocab}, batch {args.decoder_batch} x {args.decoder_seq_len}, fp32, fused chunk "
+          f"{args.loss_chunk_size}; {args.iters} interleaved rounds after a warm-up; process RSS before the "
+          f"timed steps (both variants' models and optimizers): {baseline / 2**20:.0f} MB")
+    print(f"{'loss':>12} {'tokens/s':>12} {'s/step':>12} {'peak RSS (MB)':>14} {'above the baseline':>19}")
+    for name in distillers:
+        print(f"{name:>12} {tokens / max(seconds[name]):>5.0f}-{tokens / min(seconds[name]):<6.0f} "
+              f"{min(seconds[name]):>5.2f}-{max(seconds[name]):<6.2f} {peaks[name] / 2**20:>14.0f} "
+              f"{(peaks[name] - baseline) / 2**20:>19.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=5, help="Timed steps per setting.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per setting.")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="Accelerator peak for MFU (H200 bf16 dense).")
     parser.add_argument("--skip_cpu", action="store_true", help="Only the CUDA part.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--large_vocab", type=int, default=128000, help="Vocabulary of the decoder case (0: skip it).")
+    parser.add_argument("--decoder_width", type=int, default=256)
+    parser.add_argument("--decoder_batch", type=int, default=2)
+    parser.add_argument("--decoder_seq_len", type=int, default=256)
+    parser.add_argument("--loss_chunk_size", type=int, default=DEFAULT_LOSS_CHUNK_SIZE, help="Fused rows per chunk.")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"peak RSS before: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if not args.skip_cpu:
         report(CPU_SHAPE, torch.device("cpu"), [(8, 128), (2, 512)], bf16=False, args=args)
+        if args.large_vocab:
+            report_large_vocabulary(args)
     if torch.cuda.is_available():
         print(f"CUDA device: {torch.cuda.get_device_name(0)}")
         report(REAL_SHAPE, torch.device("cuda", 0), [(64, 128), (16, 512)], bf16=True, args=args)

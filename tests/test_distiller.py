@@ -14,12 +14,12 @@ from torch.utils._pytree import tree_leaves
 import assets
 from distiller import (
     Distiller,
-    compute_losses,
     mask_tokens,
     optimizer_groups,
     round_batch_for_fp16,
 )
 from lm_seqs_dataset import LmSeqsDataset
+from losses import compute_losses
 from utils import NonFiniteLossError
 
 VOCAB = 64
@@ -619,3 +619,24 @@ def test_evaluator_runs_at_its_interval_and_each_epoch_end_on_the_master(tmp_pat
     events.Reload()
     assert [e.step for e in events.Scalars("eval/accuracy")] == [3, 4, 6, 8]
     assert {e.value for e in events.Scalars("eval/loss")} == {1.5}
+
+
+# ---------------------------------------------------------------- narrower students
+
+
+def test_a_narrower_student_trains_a_hidden_projection_that_is_never_exported(tmp_path):
+    student = assets.tiny_model("gpt2", "student", VOCAB, seed=0, hidden=8)  # the teacher is 16 wide
+    distiller = gpt2_distiller(tmp_path, assets.make_sequences(8, 16, VOCAB, 0, 0), student=student, alpha_cos=1.0,
+                               batch_size=4, gradient_accumulation_steps=1, n_epoch=1, checkpoint_interval=10**6)
+    projection = distiller.distillation.hidden_projection
+    assert projection.weight.shape == (16, 8)
+    assert any(p is projection.weight for group in distiller.optimizer.param_groups for p in group["params"])
+    initial = projection.weight.detach().clone()
+    distiller.train()
+    distiller.close()
+    assert projection.weight.grad.abs().min() > 0
+    assert not torch.equal(projection.weight, initial)
+    dump = tmp_path / "dump"
+    assert torch.load(dump / "pytorch_model.bin", weights_only=True).keys() == student.state_dict().keys()
+    state = torch.load(dump / "training_state.pth", weights_only=True)
+    assert torch.equal(state["loss"]["hidden_projection.weight"], projection.weight)

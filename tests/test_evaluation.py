@@ -129,3 +129,29 @@ def test_cli_reads_pickle_and_memory_mapped_data_alike(corpus_file, teacher_dirs
         figures[name] = json.loads(out.read_text())["student"]
     assert figures["pickle"] == figures["mmap"]
     assert figures["pickle"]["n_targets"] > 0
+
+
+@pytest.mark.parametrize(("student_kind", "teacher_kind", "mlm"), [("distilbert", "bert", True), ("gpt2", "gpt2", False)])
+def test_chunked_evaluation_gives_the_figures_of_full_logits_and_never_builds_them(student_kind, teacher_kind, mlm):
+    import assets
+    from test_losses import LargestTensor
+
+    vocab = 2000  # a chunk of 7 rows of logits (14,000 entries) outweighs every activation of these models
+    student = assets.tiny_model(student_kind, "student", vocab, seed=0)
+    teacher = assets.tiny_model(teacher_kind, "teacher", vocab, seed=1)
+    rng = np.random.default_rng(0)
+    start, end = (CLS, SEP) if mlm else (CLS, CLS)
+    data = [np.array([start, *rng.integers(5, vocab, size=n), end], dtype=np.uint16) for n in (40, 35, 44, 38)]
+    special = {"cls_token": CLS, "sep_token": SEP, "pad_token": PAD, "mask_token": MASK, "unk_token": UNK}
+    if not mlm:
+        special = {"bos_token": CLS, "eos_token": CLS, "unk_token": UNK}
+    dataset = LmSeqsDataset(Namespace(max_model_input_size=64, mlm=mlm, special_tok_ids=special, is_master=True), data)
+    batches = build_eval_batches(dataset, 4, mlm, SPECIAL.tolist(), MASK if mlm else None, mask_prop=0.5, seed=0)
+    full = evaluate_model(student, batches, mlm, teacher, loss_chunk_size=0)
+    chunk_size = 7
+    with LargestTensor() as recorder:
+        chunked = evaluate_model(student, batches, mlm, teacher, loss_chunk_size=chunk_size)
+    assert full["n_targets"] == chunked["n_targets"] > 5 * chunk_size
+    for key, value in full.items():
+        assert chunked[key] == pytest.approx(value, rel=1e-6), key
+    assert recorder.largest <= chunk_size * vocab

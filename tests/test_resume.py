@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoConfig, AutoTokenizer
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, DistilBertForMaskedLM
 
 import assets
 import train
@@ -230,6 +231,38 @@ def test_resume_refuses_changed_flags_and_deletes_nothing(mlm_argv, reference, t
     status, stderr = run_main(mlm_argv(not_a_run, "--resume"), capsys)
     assert status == 1 and f"holds no {TRAINING_STATE} yet" in error_line(stderr)
     assert [path.name for path in not_a_run.iterdir()] == ["parameters.json"]
+
+
+def test_a_narrower_student_resumes_bit_exact_with_its_hidden_projection(mlm_argv, teacher_dirs, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A student half the teacher's width: the cosine loss goes through a projection that trains, is saved in the
+    training state and restored from it, and is never part of the exported student."""
+    config = assets.student_config("distilbert", AutoConfig.from_pretrained(teacher_dirs["bert"]).vocab_size, hidden=16)
+    config.to_json_file(tmp_path / "narrow.json")
+    narrow = ["--student_config", str(tmp_path / "narrow.json")]
+    reference, dump = tmp_path / "reference", tmp_path / "dump"
+    train.main(mlm_argv(reference, *narrow))
+
+    def crash():
+        raise Crash
+
+    after_iteration(monkeypatch, 11, crash)
+    with pytest.raises(Crash):
+        train.main(mlm_argv(dump, *narrow))
+    projection = training_state(dump)["loss"]["hidden_projection.weight"]
+    assert projection.shape == (32, 16)
+    monkeypatch.undo()
+    status, stderr = run_main(mlm_argv(dump, "--resume", *narrow), capsys)
+    assert status == 0, stderr[-3000:]
+    assert_resumed_run_equals(dump, reference)
+    final = training_state(dump)["loss"]["hidden_projection.weight"]
+    assert torch.equal(final, training_state(reference)["loss"]["hidden_projection.weight"])
+    assert not torch.equal(final, projection), "the projection did not train"
+
+    exported = {name for name in safe_open(dump / "model.safetensors", "pt").keys()}
+    student_keys = set(DistilBertForMaskedLM(config).state_dict())
+    assert exported <= student_keys and not any("hidden_projection" in name for name in exported)
+    assert torch.load(dump / "pytorch_model.bin", weights_only=True).keys() == student_keys
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():

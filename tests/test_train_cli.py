@@ -205,7 +205,6 @@ def _mismatched_config(tmp_path, kind: str, **changes) -> str:
     ("kind", "changes", "fragment"),
     [
         ("bert", {"vocab_size": 999}, "differ in vocabulary size"),
-        ("gpt2", {"n_embd": 48}, "differ in hidden size"),
         ("roberta", {"max_position_embeddings": 130}, "differ in maximum positions"),
     ],
 )
@@ -393,6 +392,16 @@ def test_every_flag_has_its_original_default():
 def test_group_by_size_is_a_switch_that_turns_grouping_off():
     assert train.build_parser().parse_args(REQUIRED + ["--group_by_size"]).group_by_size is False
     assert "turns grouping OFF" in train.build_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_loss_chunk_size_is_a_non_negative_integer_with_fusion_on_by_default(capsys):
+    assert train.build_parser().parse_args(REQUIRED).loss_chunk_size > 0
+    assert train.build_parser().parse_args(REQUIRED + ["--loss_chunk_size", "0"]).loss_chunk_size == 0
+    for value, reason in (("-1", "must be >= 0, got -1"), ("1.5", "expected an integer, got '1.5'")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.build_parser().parse_args(REQUIRED + ["--loss_chunk_size", value])
+        assert exit_info.value.code == 2
+        assert f"argument --loss_chunk_size: {reason}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spelling", ["--local_rank", "--local-rank", "--local-rank=3"])
