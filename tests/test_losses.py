@@ -25,6 +25,12 @@ FAMILIES = {
     "bert->distilbert restricted": ("distilbert", "bert", True, True),
     "roberta": ("roberta", "roberta", True, False),
     "gpt2": ("gpt2", "gpt2", False, False),
+    # Today's families (the auto types): ModernBERT's head transform and decoder bias, Llama's untied head,
+    # Qwen3's tied one, GPT-NeoX's untied lm_head.
+    "modernbert": ("modernbert", "modernbert", True, False),
+    "llama": ("llama", "llama", False, False),
+    "qwen3": ("qwen3", "qwen3", False, False),
+    "gpt_neox": ("gpt_neox", "gpt_neox", False, False),
 }
 WEIGHTS = {  # of ce, the LM term, mse, cos
     "all": (2.0, 1.0, 0.3, 0.7),
@@ -56,12 +62,32 @@ def make_models(student_kind: str, teacher_kind: str, student_hidden: int = 16):
     """Tiny student and teacher whose output weights are scaled up, so that their distributions are far from
     uniform: between near-uniform ones the KL is the difference of two sums near log(vocab), whose float32
     rounding (~3e-7) is a large share of a value near 0 on any path."""
-    student = assets.tiny_model(student_kind, "student", VOCAB, seed=0, hidden=student_hidden)
-    teacher = assets.tiny_model(teacher_kind, "teacher", VOCAB, seed=1).eval()
+    if student_kind in assets.AUTO_KINDS:
+        student, teacher = (tiny_auto_model(kind, seed) for kind, seed in ((student_kind, 0), (teacher_kind, 1)))
+        teacher.eval()
+    else:
+        student = assets.tiny_model(student_kind, "student", VOCAB, seed=0, hidden=student_hidden)
+        teacher = assets.tiny_model(teacher_kind, "teacher", VOCAB, seed=1).eval()
     with torch.no_grad():
         for model in (student, teacher):
             model.get_output_embeddings().weight.mul_(20.0)
     return student, teacher
+
+
+class _SpecialIds:
+    """The special-token ids and size assets.auto_teacher_config reads from a tokenizer, for VOCAB ids."""
+
+    pad_token_id, bos_token_id, eos_token_id, cls_token_id, sep_token_id = 0, 1, 2, 1, 2
+
+    def __len__(self) -> int:
+        return VOCAB
+
+
+def tiny_auto_model(kind: str, seed: int):
+    """A one-layer model of a family of today (assets.AUTO_KINDS), 32 wide, no dropout."""
+    torch.manual_seed(seed)
+    config = assets.without_dropout(assets.auto_teacher_config(kind, _SpecialIds(), n_layers=1, hidden=32))
+    return assets.AUTO_MODEL_CLASSES[kind](config)
 
 
 def reference_step(student, teacher, batch, mlm, alphas, restrict, projection=None):
