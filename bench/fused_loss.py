@@ -1,10 +1,11 @@
 """The fused, chunked vocabulary losses against full logits: step speed and peak memory on identical batches.
 
-Usage, from the repository root (CPU, fp32; set the thread count with --threads):
-    python -m bench.fused_loss speed --vocab 30522 --batch 4 --seq_len 511 --rounds 5
-    python -m bench.fused_loss memory --vocab 30522 --batch 16 --seq_len 511 --variants fused original
-    python -m bench.fused_loss epoch --vocab 8000
-    python -m bench.fused_loss chunks --vocab 30522 --batch 4 --seq_len 511 --chunk_sizes 128 256 512 1024
+Usage, from the repository root (CPU, fp32; set the thread count with --threads; or as
+`python -m bench.fused_loss`):
+    python bench/fused_loss.py speed --vocab 30522 --batch 4 --seq_len 511 --rounds 5
+    python bench/fused_loss.py memory --vocab 30522 --batch 16 --seq_len 511 --variants fused original
+    python bench/fused_loss.py epoch --vocab 8000
+    python bench/fused_loss.py chunks --vocab 30522 --batch 4 --seq_len 511 --chunk_sizes 128 256 512 1024
 
 Models: the CPU shape of bench/train_step.py (BERT teacher 4 x 256, DistilBERT student 2 x 256), the
 DistilBERT recipe (MLM, alpha ce/mlm/cos = 5/2/1, T = 2), random weights, `Distiller.step` end to end
@@ -42,10 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.train_step import CPU_SHAPE, SPECIAL_TOK_IDS, bench_params, build_models
-from distiller import Distiller
-from lm_seqs_dataset import LmSeqsDataset
-from losses import DEFAULT_LOSS_CHUNK_SIZE, TeacherOutput
+if not __package__:  # run as `python bench/fused_loss.py`: import the project from the repository root, as -m does
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.train_step import CPU_SHAPE, SPECIAL_TOK_IDS, bench_params, build_models  # noqa: E402
+from distiller import Distiller  # noqa: E402
+from lm_seqs_dataset import LmSeqsDataset  # noqa: E402
+from losses import DEFAULT_LOSS_CHUNK_SIZE, TeacherOutput  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("fused", "unfused", "original")

@@ -6,10 +6,11 @@ Usage (or as `python -m bench.train_step` from the repository root):
     python bench/train_step.py --threads 1 --large_vocab 128000 --loss_chunk_size 256
 
 CPU: a BERT teacher and DistilBERT student with the real vocabulary (30522) but scaled-down depth and
-width (printed), at sequence lengths 128 and 512, fp32; then a large-vocabulary case, a tiny GPT-2-style
-decoder (teacher 2 layers, student 1, --decoder_width wide) at --large_vocab entries (today's tokenizers:
-128k-262k), its step with the fused vocabulary losses (--loss_chunk_size) and with full logits
-(--loss_chunk_size 0), interleaved: tokens/s and peak process RSS. CUDA: the real DistilBERT shapes
+width (printed), at sequence lengths 128 and 512, fp32; then a large-vocabulary case, a tiny Llama-style
+decoder (GQA, RMSNorm, rotary, untied head; teacher 2 layers, student 1, --decoder_width wide) at
+--large_vocab entries (today's tokenizers: 128k-262k), its step with the fused vocabulary losses
+(--loss_chunk_size) and a float32 or a bfloat16 teacher (--teacher_dtype), and with full logits
+(--loss_chunk_size 0), interleaved: tokens/s, peak process RSS and the teacher's weights. CUDA: the real DistilBERT shapes
 (12-layer 768-wide BERT teacher, 6-layer student) in bf16, with model FLOPs utilisation against
 --peak_tflops (default: H200 dense bf16, ~989 TFLOP/s).
 
@@ -45,8 +46,8 @@ from transformers import (
     BertForMaskedLM,
     DistilBertConfig,
     DistilBertForMaskedLM,
-    GPT2Config,
-    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 if not __package__:  # run as `python bench/train_step.py`: import the project from the repository root, as -m does
@@ -219,22 +220,30 @@ def report(shape: Shape, device: torch.device, settings: list[tuple[int, int]], 
         print(line, flush=True)
 
 
+# The decoder case's variants: (name, fused rows per chunk or 0 for full logits, teacher weight type).
+DECODER_VARIANTS = (("fused, fp32 teacher", None, torch.float32), ("fused, bf16 teacher", None, torch.bfloat16),
+                    ("full logits, fp32", 0, torch.float32))
+
+
 def decoder_distillers(args, device: torch.device) -> dict[str, Distiller]:
-    """GPT-2-style teacher and student at a large vocabulary (CLM, alpha ce/clm/cos = 5/2/1), one Distiller per
-    --loss_chunk_size (fused) and 0 (full logits), each with its own copy of the same initial student."""
+    """Llama-style teacher and student at a large vocabulary (CLM, alpha ce/clm/cos = 5/2/1), one Distiller per
+    DECODER_VARIANTS entry (--loss_chunk_size or 0; a float32 or bfloat16 teacher, as --teacher_dtype holds
+    it), each with its own copy of the same initial student."""
     torch.manual_seed(0)
-    config = dict(vocab_size=args.large_vocab, n_embd=args.decoder_width, n_head=4, n_positions=args.decoder_seq_len,
-                  bos_token_id=0, eos_token_id=0, output_hidden_states=True)
-    teacher = GPT2LMHeadModel(GPT2Config(n_layer=2, **config))
-    student = GPT2LMHeadModel(GPT2Config(n_layer=1, **config))
+    config = dict(vocab_size=args.large_vocab, hidden_size=args.decoder_width, intermediate_size=2 * args.decoder_width,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.decoder_seq_len,
+                  bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    teacher = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **config)).requires_grad_(False)
+    student = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, **config))
     rng = np.random.default_rng(0)
     data = [np.array([0, *row, 0], dtype=np.int32)
             for row in rng.integers(1, args.large_vocab, size=(args.decoder_batch, args.decoder_seq_len - 2))]
     distillers = {}
-    for name, chunk_size in (("fused", args.loss_chunk_size), ("full logits", 0)):
+    for name, chunk_size, teacher_dtype in DECODER_VARIANTS:
+        chunk_size = args.loss_chunk_size if chunk_size is None else chunk_size
         params = build_parser().parse_args(
-            ["--dump_path", "unused", "--data_file", "unused", "--student_type", "gpt2", "--student_config", "unused",
-             "--teacher_type", "gpt2", "--teacher_name", "unused", "--alpha_ce", "5.0", "--alpha_clm", "2.0",
+            ["--dump_path", "unused", "--data_file", "unused", "--student_type", "auto", "--student_config", "unused",
+             "--teacher_type", "auto", "--teacher_name", "unused", "--alpha_ce", "5.0", "--alpha_clm", "2.0",
              "--alpha_cos", "1.0", "--batch_size", str(args.decoder_batch), "--gradient_accumulation_steps", "1",
              "--loss_chunk_size", str(chunk_size)]
         )
@@ -243,12 +252,14 @@ def decoder_distillers(args, device: torch.device) -> dict[str, Distiller]:
         params.world_size, params.global_rank, params.local_rank = 1, 0, 0
         params.special_tok_ids = {"bos_token": 0, "eos_token": 0, "unk_token": 0}
         params.max_model_input_size = args.decoder_seq_len
-        distillers[name] = Distiller(params, LmSeqsDataset(params, data), None, copy.deepcopy(student), teacher)
+        distillers[name] = Distiller(params, LmSeqsDataset(params, data), None, copy.deepcopy(student),
+                                     copy.deepcopy(teacher).to(teacher_dtype))
     return distillers
 
 
 def report_large_vocabulary(args) -> None:
-    """Fused against full logits on a tiny decoder at a modern vocabulary: tokens/s and peak RSS, interleaved."""
+    """Fused against full logits, a float32 against a bfloat16 teacher, on a tiny decoder at a modern vocabulary:
+    tokens/s, peak RSS of the step and the teacher's weights, interleaved."""
     distillers = decoder_distillers(args, torch.device("cpu"))
     first = next(iter(distillers.values()))
     dataset = first.dataloader.dataset
@@ -267,15 +278,17 @@ def report_large_vocabulary(args) -> None:
             peaks[name] = max(peaks[name], rss["peak"])
         order.reverse()
     tokens = args.decoder_batch * args.decoder_seq_len
-    print(f"\n== CPU: GPT-2-style decoder, teacher 2 x {args.decoder_width} / student 1 x {args.decoder_width}, vocab "
-          f"{args.large_vocab}, batch {args.decoder_batch} x {args.decoder_seq_len}, fp32, fused chunk "
+    print(f"\n== CPU: Llama-style decoder, teacher 2 x {args.decoder_width} / student 1 x {args.decoder_width}, vocab "
+          f"{args.large_vocab}, batch {args.decoder_batch} x {args.decoder_seq_len}, fp32 student, fused chunk "
           f"{args.loss_chunk_size}; {args.iters} interleaved rounds after a warm-up; process RSS before the "
-          f"timed steps (both variants' models and optimizers): {baseline / 2**20:.0f} MB")
-    print(f"{'loss':>12} {'tokens/s':>12} {'s/step':>12} {'peak RSS (MB)':>14} {'above the baseline':>19}")
-    for name in distillers:
-        print(f"{name:>12} {tokens / max(seconds[name]):>5.0f}-{tokens / min(seconds[name]):<6.0f} "
+          f"timed steps (every variant's models and optimizers): {baseline / 2**20:.0f} MB")
+    print(f"{'variant':>22} {'tokens/s':>12} {'s/step':>12} {'peak RSS (MB)':>14} {'above the baseline':>19} "
+          f"{'teacher weights (MB)':>21}")
+    for name, distiller in distillers.items():
+        teacher_mb = sum(p.numel() * p.element_size() for p in distiller.teacher.parameters()) / 2**20
+        print(f"{name:>22} {tokens / max(seconds[name]):>5.0f}-{tokens / min(seconds[name]):<6.0f} "
               f"{min(seconds[name]):>5.2f}-{max(seconds[name]):<6.2f} {peaks[name] / 2**20:>14.0f} "
-              f"{(peaks[name] - baseline) / 2**20:>19.0f}")
+              f"{(peaks[name] - baseline) / 2**20:>19.0f} {teacher_mb:>21.0f}")
 
 
 def main() -> None:
