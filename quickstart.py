@@ -232,15 +232,15 @@ def last_error(log: Path) -> list[str]:
 
 
 def train_command(
-    args: argparse.Namespace, dump_path: Path, data: Path, held_out: Path, learning_rate: float, eval_interval: int,
-    *extra: object,
+    args: argparse.Namespace, dump_path: Path, data: Path, held_out: Path, learning_rate: float,
+    log_interval: int, eval_interval: int, *extra: object,
 ) -> list[str]:
-    """train.py with the settings every quickstart run shares (causal LM, batching, schedule, logging, evaluation)."""
+    """train.py with the settings every quickstart run shares (causal LM, batching, schedule, evaluation)."""
     return python(
         REPO / "train.py", "--force", "--dump_path", dump_path, "--data_file", data, "--student_type", "gpt2",
         "--teacher_type", "gpt2", "--n_gpu", args.n_gpu, "--seed", args.seed, "--batch_size", args.batch_size,
         "--gradient_accumulation_steps", 1, "--learning_rate", learning_rate, "--warmup_prop", 0.05,
-        "--max_model_input_size", args.max_length, "--log_interval", 10, "--checkpoint_interval", 100000,
+        "--max_model_input_size", args.max_length, "--log_interval", log_interval, "--checkpoint_interval", 100000,
         "--eval_data_file", held_out, "--eval_interval", eval_interval, *extra,
     )
 
@@ -276,7 +276,7 @@ def pretrain_local_teacher(args: argparse.Namespace, out: Path, tokenizer, data:
     tokenizer.save_pretrained(teacher_init)
     teacher = out / "teacher"
     run_step("pretrain the teacher (causal LM, no teacher)", train_command(
-        args, teacher, data["train"], data["held_out"], args.teacher_learning_rate, 0,
+        args, teacher, data["train"], data["held_out"], args.teacher_learning_rate, 10, 0,
         "--student_config", teacher_init / "config.json", "--teacher_name", teacher_init,
         "--alpha_clm", 1.0, "--alpha_ce", 0.0, "--n_epoch", args.teacher_epochs,
     ), env)
@@ -294,28 +294,84 @@ def write_student_config(teacher: str | Path, n_layers: int, path: Path) -> None
     config.to_json_file(path)
 
 
+def prepare_corpus(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
+    """Read and split the corpus, then (re)create `out` with the splits in out/data: train, students, held_out."""
+    train_lines, held_out_lines = split_corpus(read_corpus(args), args.held_out_prop, args.seed)
+    splits = {
+        "train": train_lines,
+        "students": train_lines[: max(1, round(args.student_data_prop * len(train_lines)))],
+        "held_out": held_out_lines,
+    }
+    # Replaced only now that the corpus has loaded: a bad --text_file leaves the old folder alone.
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "data").mkdir(parents=True)
+    (out / "logs").mkdir()
+    for name, lines in splits.items():
+        write_text(out / "data" / f"{name}.txt", "\n".join(lines) + "\n")
+    logger.info(
+        f"[quickstart] corpus: {len(train_lines)} train lines (the students get {len(splits['students'])} of them) "
+        f"and {len(held_out_lines)} held-out lines"
+    )
+    return splits
+
+
+def binarize(args: argparse.Namespace, out: Path, splits: dict, tokenizer_name: str, env: dict) -> dict[str, Path]:
+    """scripts/binarized_data.py on each split; returns the path of each split's binarized file."""
+    data = {}
+    for name in splits:
+        run_step(f"binarize {name}", python(
+            SCRIPTS / "binarized_data.py", "--file_path", out / "data" / f"{name}.txt", "--tokenizer_type", "gpt2",
+            "--tokenizer_name", tokenizer_name, "--dump_file", out / "data" / name, "--seed", args.seed,
+        ), env)
+        data[name] = out / "data" / f"{name}.{Path(tokenizer_name).name}.pickle"
+    return data
+
+
+def extract_student(args: argparse.Namespace, out: Path, teacher: str | Path, env: dict) -> tuple[Path, Path]:
+    """The students' common start: scripts/extract.py on --student_layers. Returns (config, weights)."""
+    layers = student_layer_indices(args)
+    student_config, student_init = out / "student_config.json", out / "student_init.pth"
+    write_student_config(teacher, len(layers), student_config)
+    run_step("extract the student from the teacher", python(
+        SCRIPTS / "extract.py", "--model_type", "gpt2", "--model_name", teacher, "--dump_checkpoint", student_init,
+        "--layers", *layers,
+    ), env)
+    return student_config, student_init
+
+
+def train_students(
+    args: argparse.Namespace, out: Path, data: dict[str, Path], teacher: str | Path, start: tuple[Path, Path],
+    n_lines: int, env: dict,
+) -> dict[str, Path]:
+    """Both students at once, one process each, from the same start on the same batches; returns their run folders.
+
+    They differ only in the loss weights. Every step is logged: the first, before any update, shows
+    both students with the same loss on the same batch.
+    """
+    runs = {DISTILLED: out / "distilled", NO_TEACHER: out / "no_teacher"}
+    eval_interval = max(1, round(math.ceil(n_lines / args.batch_size) * args.distil_epochs / N_CURVE_POINTS))
+    student_config, student_init = start
+    commands = {
+        run.name: train_command(
+            args, run, data["students"], data["held_out"], args.learning_rate, 1, eval_interval,
+            "--student_config", student_config, "--student_pretrained_weights", student_init,
+            "--teacher_name", teacher, "--n_epoch", args.distil_epochs, *alphas,
+        )
+        for run, alphas in ((runs[DISTILLED], DISTILLED_ALPHAS), (runs[NO_TEACHER], NO_TEACHER_ALPHAS))
+    }
+    run_together("train the distilled and the no-teacher student", commands, env, out / "logs")
+    return runs
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_args(args)
-    student_layers = student_layer_indices(args)
     env = child_environment(args.threads)
     out = Path(args.output_dir).resolve()
     timings: dict[str, dict[str, float]] = {}
 
     with timed(timings, "corpus and tokenizer"):
-        train_lines, held_out_lines = split_corpus(read_corpus(args), args.held_out_prop, args.seed)
-        student_lines = train_lines[: max(1, round(args.student_data_prop * len(train_lines)))]
-        # Replaced only now that the corpus has loaded: a bad --text_file leaves the old folder alone.
-        shutil.rmtree(out, ignore_errors=True)
-        (out / "data").mkdir(parents=True)
-        (out / "logs").mkdir()
-        splits = {"train": train_lines, "students": student_lines, "held_out": held_out_lines}
-        for name, lines in splits.items():
-            write_text(out / "data" / f"{name}.txt", "\n".join(lines) + "\n")
-        logger.info(
-            f"[quickstart] corpus: {len(train_lines)} train lines (the students get {len(student_lines)} of them) "
-            f"and {len(held_out_lines)} held-out lines"
-        )
+        splits = prepare_corpus(args, out)
         import torch
         from transformers import AutoTokenizer
 
@@ -323,54 +379,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.teacher_name:
             tokenizer_name = args.teacher_name
         else:
-            tokenizer_name = str(train_bpe_tokenizer(train_lines, args.vocab_size, args.max_length, out / "tokenizer"))
+            tokenizer_name = str(train_bpe_tokenizer(splits["train"], args.vocab_size, args.max_length, out / "tokenizer"))
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-
     with timed(timings, "binarize"):
-        data = {}
-        for name in splits:
-            run_step(f"binarize {name}", python(
-                SCRIPTS / "binarized_data.py", "--file_path", out / "data" / f"{name}.txt", "--tokenizer_type", "gpt2",
-                "--tokenizer_name", tokenizer_name, "--dump_file", out / "data" / name, "--seed", args.seed,
-            ), env)
-            data[name] = out / "data" / f"{name}.{Path(tokenizer_name).name}.pickle"
-
+        data = binarize(args, out, splits, tokenizer_name, env)
     if args.teacher_name:
         teacher = args.teacher_name
     else:
         with timed(timings, "pretrain the teacher"):
             teacher = pretrain_local_teacher(args, out, tokenizer, data, env)
-
     with timed(timings, "extract the student"):
-        student_config, student_init = out / "student_config.json", out / "student_init.pth"
-        write_student_config(teacher, len(student_layers), student_config)
-        run_step("extract the student from the teacher", python(
-            SCRIPTS / "extract.py", "--model_type", "gpt2", "--model_name", teacher, "--dump_checkpoint", student_init,
-            "--layers", *student_layers,
-        ), env)
-
-    runs = {DISTILLED: out / "distilled", NO_TEACHER: out / "no_teacher"}
+        start = extract_student(args, out, teacher, env)
     with timed(timings, "train both students (at once)"):
-        student_steps = math.ceil(len(student_lines) / args.batch_size) * args.distil_epochs
-        shared = (
-            "--student_config", student_config, "--student_pretrained_weights", student_init,
-            "--teacher_name", teacher, "--n_epoch", args.distil_epochs,
-        )
-
-        def student_command(name: str, alphas: tuple) -> list[str]:
-            return train_command(
-                args, runs[name], data["students"], data["held_out"], args.learning_rate,
-                max(1, round(student_steps / N_CURVE_POINTS)), *shared, *alphas,
-            )
-
-        run_together("train the distilled and the no-teacher student", {
-            "distilled": student_command(DISTILLED, DISTILLED_ALPHAS),
-            "no_teacher": student_command(NO_TEACHER, NO_TEACHER_ALPHAS),
-        }, env, out / "logs")
-
+        runs = train_students(args, out, data, teacher, start, len(splits["students"]), env)
     with timed(timings, "evaluate"):
-        results = evaluate_all(args, tokenizer, teacher, student_init, student_config, runs, data["held_out"])
-    write_report(out, results, runs, timings, regime(args, len(train_lines), len(student_lines)))
+        results = evaluate_all(args, tokenizer, teacher, start, runs, data["held_out"])
+    write_report(out, results, runs, timings, regime(args, len(splits["train"]), len(splits["students"])))
     return results
 
 
@@ -388,7 +412,10 @@ def regime(args: argparse.Namespace, n_train: int, n_student: int) -> str:
     )
 
 
-def evaluate_all(args, tokenizer, teacher, student_init, student_config, runs, held_out) -> dict:
+def evaluate_all(
+    args: argparse.Namespace, tokenizer, teacher: str | Path, start: tuple[Path, Path], runs: dict[str, Path],
+    held_out: Path,
+) -> dict:
     """Each model's held-out figures on the same positions (every next token), and the students' paired differences.
 
     Returns:
@@ -398,7 +425,7 @@ def evaluate_all(args, tokenizer, teacher, student_init, student_config, runs, h
 
     models = {
         TEACHER: load_model(str(teacher)),
-        BEFORE: load_model(str(student_init), str(student_config)),
+        BEFORE: load_model(str(start[1]), str(start[0])),
         DISTILLED: load_model(str(runs[DISTILLED])),
         NO_TEACHER: load_model(str(runs[NO_TEACHER])),
     }
@@ -455,12 +482,18 @@ def comparison_table(results: dict) -> str:
 
 
 def verdict(results: dict) -> str:
+    """One sentence on the comparison, whichever way it went."""
+    loss, accuracy = (results["distilled minus no-teacher"][key] for key in ("loss", "accuracy"))
     if distillation_wins(results):
         return (
             "The distilled student wins: its held-out cross-entropy is lower, with a 95 % interval entirely "
             "below zero, and its accuracy is not lower."
         )
-    return "No measured win in this run: the interval of the cross-entropy difference reaches zero, or accuracy is lower."
+    if loss[1] > 0:
+        return "The distilled student loses here: its cross-entropy is higher, with a 95 % interval entirely above zero."
+    if loss[2] >= 0:
+        return "No measured win in this run: the 95 % interval of the cross-entropy difference includes zero."
+    return "No clear win in this run: the distilled student's cross-entropy is lower, but so is its accuracy."
 
 
 def write_report(out: Path, results: dict, runs: dict[str, Path], timings: dict, regime_text: str) -> None:
