@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parent
 SCRIPTS = REPO / "scripts"
 MIN_WORDS = 8
 END_OF_TEXT = "<|endoftext|>"
-TEACHER, BEFORE, DISTILLED, NO_TEACHER = "teacher", "student before distillation", "distilled student", "no-teacher student"
+TEACHER, BEFORE = "teacher", "student before distillation"
+DISTILLED, NO_TEACHER = "distilled student", "no-teacher student"
 # DistilBERT's loss weights, with the causal-LM term in the masked-LM term's place.
 DISTILLED_ALPHAS = ("--alpha_ce", 5.0, "--alpha_clm", 2.0, "--alpha_cos", 1.0)
 NO_TEACHER_ALPHAS = ("--alpha_ce", 0.0, "--alpha_clm", 2.0, "--alpha_cos", 0.0)
@@ -120,27 +121,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", default="quickstart_out", help="Everything the run makes goes here.")
     parser.add_argument("--force", action="store_true", help="Replace --output_dir if it exists.")
-    parser.add_argument("--text_file", default=None, help="Your own corpus, one sequence per line (default: stdlib docstrings).")
+    parser.add_argument(
+        "--text_file", default=None, help="Your own corpus, one sequence per line (default: stdlib docstrings)."
+    )
     parser.add_argument("--max_lines", type=positive_int, default=None, help="Use at most this many corpus lines.")
-    parser.add_argument("--held_out_prop", type=number(float, 0, 1, low_open=True, high_open=True), default=0.05,
-                        help="Share of the corpus held out for evaluation.")
-    parser.add_argument("--student_data_prop", type=number(float, 0, 1, low_open=True), default=0.33,
-                        help="Share of the train split the students train on (the teacher trains on all of it).")
-    parser.add_argument("--teacher_name", default=None, help="A real GPT-2 teacher (hub name or directory): skips steps 2-3.")
-    parser.add_argument("--vocab_size", type=number(int, 257), default=4000, help="Byte-level BPE vocabulary of the local tokenizer.")
-    parser.add_argument("--max_length", type=number(int, 12), default=64, help="Longest sequence (tokens); longer ones are split.")
-    parser.add_argument("--hidden", type=positive_int, default=128, help="Hidden size of the local teacher (and the students).")
-    parser.add_argument("--heads", type=positive_int, default=4, help="Attention heads of the local teacher; must divide --hidden.")
+    parser.add_argument(
+        "--held_out_prop", type=number(float, 0, 1, low_open=True, high_open=True), default=0.05,
+        help="Share of the corpus held out for evaluation.",
+    )
+    parser.add_argument(
+        "--student_data_prop", type=number(float, 0, 1, low_open=True), default=0.33,
+        help="Share of the train split the students train on (the teacher trains on all of it).",
+    )
+    parser.add_argument(
+        "--teacher_name", default=None, help="A real GPT-2 teacher (hub name or directory): skips steps 2-3."
+    )
+    parser.add_argument(
+        "--vocab_size", type=number(int, 257), default=4000, help="Byte-level BPE vocabulary of the local tokenizer."
+    )
+    parser.add_argument(
+        "--max_length", type=number(int, 12), default=64, help="Longest sequence (tokens); longer ones are split."
+    )
+    parser.add_argument("--hidden", type=positive_int, default=128, help="Width of the local teacher (and students).")
+    parser.add_argument("--heads", type=positive_int, default=4, help="Attention heads; must divide --hidden.")
     parser.add_argument("--teacher_layers", type=positive_int, default=4)
-    parser.add_argument("--teacher_epochs", type=positive_int, default=4, help="Causal-LM pretraining epochs of the local teacher.")
-    parser.add_argument("--student_layers", default="0 2", help="Teacher layers the students start from (one per student layer).")
-    parser.add_argument("--distil_epochs", type=positive_int, default=1, help="Epochs of each student over its share of the data.")
+    parser.add_argument("--teacher_epochs", type=positive_int, default=4, help="Epochs of the local teacher.")
+    parser.add_argument(
+        "--student_layers", default="0 2", help="Teacher layers the students start from (one per student layer)."
+    )
+    parser.add_argument("--distil_epochs", type=positive_int, default=1, help="Epochs of each student over its share.")
     parser.add_argument("--batch_size", type=positive_int, default=32)
-    parser.add_argument("--teacher_learning_rate", type=positive_float, default=2e-3, help="Peak LR of the teacher's pretraining.")
-    parser.add_argument("--learning_rate", type=positive_float, default=5e-4, help="Peak LR of both students (the original's default).")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="Torch threads of each process. The figures depend on it (keep it fixed to compare runs); "
-                        "1 runs best on a busy machine, and the two students train at once anyway.")
+    parser.add_argument(
+        "--teacher_learning_rate", type=positive_float, default=2e-3, help="Peak LR of the teacher's pretraining."
+    )
+    parser.add_argument(
+        "--learning_rate", type=positive_float, default=5e-4, help="Peak LR of both students (the original's default)."
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=1,
+        help="Torch threads of each process. The figures depend on it (keep it fixed to compare runs); 1 runs best "
+        "on a busy machine, and the two students train at once anyway.",
+    )
     parser.add_argument("--n_gpu", type=number(int, 0, 1), default=0, help="0 trains on the CPU; 1 on one GPU.")
     parser.add_argument("--seed", type=non_negative_int, default=56)
     return parser
@@ -227,8 +248,8 @@ def run_together(title: str, commands: dict[str, list[str]], env: dict[str, str]
 
 def last_error(log: Path) -> list[str]:
     """The last `error: ...` line of a CLI's log, if it wrote one."""
-    errors = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.startswith("error:")]
-    return errors[-1:]
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line for line in lines if line.startswith("error:")][-1:]
 
 
 def train_command(
@@ -379,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.teacher_name:
             tokenizer_name = args.teacher_name
         else:
-            tokenizer_name = str(train_bpe_tokenizer(splits["train"], args.vocab_size, args.max_length, out / "tokenizer"))
+            tokenizer_dir = train_bpe_tokenizer(splits["train"], args.vocab_size, args.max_length, out / "tokenizer")
+            tokenizer_name = str(tokenizer_dir)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     with timed(timings, "binarize"):
         data = binarize(args, out, splits, tokenizer_name, env)
@@ -464,7 +486,9 @@ def distillation_wins(results: dict) -> bool:
 def results_table(results: dict) -> str:
     rows = ["| model | perplexity | next-token accuracy | top-1 agreement with teacher |", "|---|---|---|---|"]
     for name, figures in results["models"].items():
-        rows.append(f"| {name} | {figures['perplexity']:.1f} | {figures['accuracy']:.1%} | {figures['teacher_agreement']:.1%} |")
+        rows.append(
+            f"| {name} | {figures['perplexity']:.1f} | {figures['accuracy']:.1%} | {figures['teacher_agreement']:.1%} |"
+        )
     return "\n".join(rows)
 
 
@@ -472,11 +496,12 @@ def comparison_table(results: dict) -> str:
     """The distilled student minus the no-teacher student, with 95 % intervals (perplexity as a relative change)."""
     loss, accuracy = (results["distilled minus no-teacher"][key] for key in ("loss", "accuracy"))
     perplexity = [100 * math.expm1(value) for value in loss]
+    accuracy = [100 * value for value in accuracy]
     rows = [
         f"| {DISTILLED} minus {NO_TEACHER} | difference | 95 % interval |", "|---|---|---|",
         f"| cross-entropy (nats per token) | {loss[0]:+.4f} | {loss[1]:+.4f} to {loss[2]:+.4f} |",
         f"| perplexity | {perplexity[0]:+.1f} % | {perplexity[1]:+.1f} % to {perplexity[2]:+.1f} % |",
-        f"| next-token accuracy (points) | {100 * accuracy[0]:+.2f} | {100 * accuracy[1]:+.2f} to {100 * accuracy[2]:+.2f} |",
+        f"| next-token accuracy (points) | {accuracy[0]:+.2f} | {accuracy[1]:+.2f} to {accuracy[2]:+.2f} |",
     ]
     return "\n".join(rows)
 
@@ -490,10 +515,14 @@ def verdict(results: dict) -> str:
             "below zero, and its accuracy is not lower."
         )
     if loss[1] > 0:
-        return "The distilled student loses here: its cross-entropy is higher, with a 95 % interval entirely above zero."
+        return "The distilled student loses here: its cross-entropy is higher, with a 95 % interval above zero."
     if loss[2] >= 0:
         return "No measured win in this run: the 95 % interval of the cross-entropy difference includes zero."
-    return "No clear win in this run: the distilled student's cross-entropy is lower, but so is its accuracy."
+    return (
+        f"No clear win in this run: the distilled student's cross-entropy is lower (95 % interval below zero), "
+        f"but its accuracy is not: {100 * accuracy[0]:+.2f} points (95 % interval {100 * accuracy[1]:+.2f} to "
+        f"{100 * accuracy[2]:+.2f})."
+    )
 
 
 def write_report(out: Path, results: dict, runs: dict[str, Path], timings: dict, regime_text: str) -> None:
@@ -550,7 +579,8 @@ def plot_training_curves(runs: dict[str, Path], figures: dict[str, dict[str, flo
     for ax, (key, label, scale) in zip(axes, panels):
         for name, run_dir in runs.items():
             steps, values = read_scalars(run_dir, f"eval/{key}")
-            ax.plot([0, *steps], [scale * v for v in (figures[BEFORE][key], *values)], marker="o", markersize=3, label=name)
+            values = [scale * value for value in (figures[BEFORE][key], *values)]
+            ax.plot([0, *steps], values, marker="o", markersize=3, label=name)
         ax.axhline(scale * figures[TEACHER][key], color="black", linestyle="--", linewidth=1, label=TEACHER)
         ax.set_xlabel("training iteration (batch) of each student")
         ax.set_ylabel(label)
