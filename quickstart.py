@@ -240,10 +240,31 @@ def run_together(title: str, commands: dict[str, list[str]], env: dict[str, str]
         logger.info(f"[quickstart] {name}: {' '.join(command[1:])}")
         with open(log_dir / f"{name}.log", "w", encoding="utf-8") as log:
             processes[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    failed = [name for name, process in processes.items() if process.wait() != 0]
+    failed = wait_for_all(processes)
     if failed:
         errors = [line for name in failed for line in last_error(log_dir / f"{name}.log")]
         raise UserError(f"step '{title}' failed ({', '.join(failed)}; see {log_dir}/): {' | '.join(errors)}")
+
+
+def wait_for_all(processes: dict[str, subprocess.Popen]) -> list[str]:
+    """Wait for every process; return the names of those that failed by themselves.
+
+    The first failure, or an interruption, stops the others: a comparison with one of its two runs
+    missing is of no use.
+    """
+    stopped = set()
+    try:
+        while any(process.poll() is None for process in processes.values()):
+            if any(process.returncode for process in processes.values()):
+                break
+            time.sleep(0.5)
+    finally:
+        for name, process in processes.items():
+            if process.poll() is None:
+                stopped.add(name)
+                process.terminate()
+                process.wait()
+    return [name for name, process in processes.items() if process.returncode != 0 and name not in stopped]
 
 
 def last_error(log: Path) -> list[str]:

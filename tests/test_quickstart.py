@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -163,3 +164,15 @@ def test_inconsistent_flags_are_refused_before_anything_is_written(flags, messag
     with pytest.raises(UserError, match=message):
         quickstart.main(["--output_dir", str(tmp_path / "out"), *flags])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_student_stops_the_other_and_reports_its_error(tmp_path):
+    commands = {
+        "fails": [sys.executable, "-c", "import sys; print('error: the data is bad'); sys.exit(1)"],
+        "slow": [sys.executable, "-c", "import time; time.sleep(120)"],
+    }
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"failed \(fails; see .*\): error: the data is bad$"):
+        quickstart.run_together("train", commands, dict(os.environ), tmp_path)
+    assert time.monotonic() - start < 60
+    assert (tmp_path / "fails.log").read_text() == "error: the data is bad\n"
