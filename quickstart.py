@@ -1,7 +1,7 @@
 """See distillation work end to end, offline, on 2 CPU cores in minutes: the distilled student
 measurably beats the same student trained without its teacher.
 
-    python quickstart.py                       # everything local: about 6 minutes on 2 idle CPU cores
+    python quickstart.py                       # everything local: about 7 minutes on 2 idle CPU cores
     python quickstart.py --teacher_name gpt2 --text_file data/dump.txt --student_layers "0 2 4 7 9 11" --n_gpu 1
 
 The regime is the paper's: the teacher has had more data and compute than the students get. Steps,
@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=positive_int, default=128, help="Width of the local teacher (and students).")
     parser.add_argument("--heads", type=positive_int, default=4, help="Attention heads; must divide --hidden.")
     parser.add_argument("--teacher_layers", type=positive_int, default=4)
-    parser.add_argument("--teacher_epochs", type=positive_int, default=4, help="Epochs of the local teacher.")
+    parser.add_argument(
+        "--teacher_epochs", type=positive_int, default=4, help="Epochs of the local teacher (on all the train split)."
+    )
     parser.add_argument(
         "--student_layers", default="0 2", help="Teacher layers the students start from (one per student layer)."
     )
