@@ -448,10 +448,10 @@ def regime(args: argparse.Namespace, n_train: int, n_student: int) -> str:
     teacher = (
         f"the teacher ({args.teacher_name}) was pretrained elsewhere"
         if args.teacher_name
-        else f"the teacher pretrained on all {n_train} train lines for {args.teacher_epochs} epochs"
+        else f"the teacher pretrained on all the train lines for {args.teacher_epochs} epochs"
     )
     return (
-        f"{teacher}; each student trains on {n_student} of those lines for {args.distil_epochs} "
+        f"{teacher}; each student trains on {n_student} of the {n_train} train lines for {args.distil_epochs} "
         f"epoch{'s' if args.distil_epochs > 1 else ''}, from the same teacher layers ({args.student_layers}) "
         "and on the same batches, the two differing only in the teacher terms of the loss"
     )
