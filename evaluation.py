@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from itertools import repeat
 from pathlib import Path
+from statistics import NormalDist
 from typing import TypeVar
 
 import torch
@@ -195,6 +196,82 @@ def evaluate_model(
     if teacher is not None:
         results.update(teacher_agreement=agree / n_targets, teacher_kl=kl / n_targets)
     return results
+
+
+@torch.inference_mode()
+def per_target_predictions(
+    model: nn.Module, batches: Sequence[EvalBatch], mlm: bool, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Cross-entropy and top-1 prediction of `model` at each target of `batches`, one entry per target.
+
+    Targets come in batch order, then row-major within a batch (the order of `target_labels`): the
+    same order for every model evaluated on the same batches, so two models' entries pair up.
+
+    Returns:
+        losses: (n_targets,) float64 cross-entropy in nats.
+        predictions: (n_targets,) int64 top-1 ids.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    losses, predictions = [], []
+    for batch in batches:
+        logits, labels = _target_logits(model, batch, mlm, device)
+        losses.append(F.cross_entropy(logits, labels, reduction="none").double().cpu())
+        predictions.append(logits.argmax(dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(losses), torch.cat(predictions)
+
+
+def target_labels(batches: Sequence[EvalBatch], mlm: bool) -> tuple[Tensor, Tensor]:
+    """The label of each target of `batches` and the sequence it belongs to, in `per_target_predictions`' order.
+
+    Returns:
+        labels: (n_targets,) int64 ids to predict.
+        sequences: (n_targets,) int64 index of the target's sequence, counted over all batches.
+    """
+    labels, sequences, first = [], [], 0
+    for _, _, batch_labels in batches:
+        if not mlm:  # the target of position i is token i + 1, as in _target_logits
+            batch_labels = batch_labels[:, 1:]
+        targets = batch_labels != IGNORE_INDEX
+        rows = torch.arange(first, first + batch_labels.size(0))[:, None].expand_as(batch_labels)
+        labels.append(batch_labels[targets])
+        sequences.append(rows[targets])
+        first += batch_labels.size(0)
+    return torch.cat(labels), torch.cat(sequences)
+
+
+def paired_difference(
+    a: Tensor, b: Tensor, clusters: Tensor, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of the paired differences a - b and its confidence interval, clustered by `clusters`.
+
+    Targets of one sequence are not independent (one context, and the same sequence masked again
+    under another seed), so the interval treats each cluster's summed difference as one observation:
+    the cluster-robust (linearised ratio) standard error of the mean, with a normal quantile.
+
+    Args:
+        a: (n,) figures of one model, e.g. per-target cross-entropy.
+        b: (n,) the other model's figures on the same targets.
+        clusters: (n,) int64 id of the sequence each target belongs to (at least two distinct ids).
+        confidence: coverage of the interval.
+
+    Returns:
+        (mean difference, interval low, interval high).
+    """
+    differences = a.double() - b.double()
+    _, cluster_index = torch.unique(clusters, return_inverse=True)
+    n_clusters = int(cluster_index.max()) + 1
+    if n_clusters < 2:
+        raise UserError("a paired interval needs targets from at least two sequences")
+    sums = torch.zeros(n_clusters, dtype=torch.float64).index_add_(0, cluster_index, differences)
+    counts = torch.bincount(cluster_index, minlength=n_clusters).double()
+    mean = sums.sum() / counts.sum()
+    residuals = sums - mean * counts
+    standard_error = math.sqrt(n_clusters / (n_clusters - 1) * residuals.square().sum().item()) / counts.sum().item()
+    half_width = NormalDist().inv_cdf(0.5 + confidence / 2) * standard_error
+    return mean.item(), mean.item() - half_width, mean.item() + half_width
 
 
 class Evaluator:

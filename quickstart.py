@@ -1,41 +1,55 @@
-"""See distillation work end to end, offline, on 2 CPU cores in minutes.
+"""See distillation work end to end, offline, on 2 CPU cores in minutes: the distilled student
+measurably beats the same student trained without its teacher.
 
-    python quickstart.py                       # everything local: about 9 minutes on 2 CPU cores
-    python quickstart.py --teacher_name bert-base-uncased --text_file data/dump.txt --n_gpu 1
+    python quickstart.py                       # everything local: about 7 minutes on 2 idle CPU cores
+    python quickstart.py --teacher_name gpt2 --text_file data/dump.txt --student_layers "0 2 4 7 9 11" --n_gpu 1
 
-Steps, each through the project's real command-line tools:
+The regime is the paper's: the teacher has had more data and compute than the students get. Steps,
+each through the project's real command-line tools:
  1. an English corpus from the docstrings of the Python standard library (parsed, never imported),
-    split into train and held-out (or --text_file);
- 2. a WordPiece tokenizer trained on the train split;
- 3. a small BERT teacher, pretrained by masked LM with train.py itself (no teacher: α_mlm only),
-    unless --teacher_name gives a real one;
- 4. scripts/binarized_data.py, scripts/token_counts.py, scripts/extract_distilbert.py;
- 5. train.py with the triple loss (the distilled student), and with α_mlm only (the no-teacher
-    baseline of the paper's ablation), from the same teacher-initialised student and for the
-    same number of steps;
- 6. a table (printed and written to results.md) of held-out masked-LM accuracy, perplexity and
-    agreement with the teacher, and training_curves.png.
+    split into train and held-out (or --text_file); the students get a third of the train split;
+ 2. a byte-level BPE tokenizer trained on the train split;
+ 3. a small GPT-2 teacher, pretrained by causal LM with train.py itself (no teacher: α_clm only) on
+    the whole train split for 4 epochs, unless --teacher_name gives a real one;
+ 4. scripts/binarized_data.py, and scripts/extract.py: the student starts from teacher layers 0 and 2;
+ 5. two students at once, one process each, from that same start, on the same batches, for one pass
+    over their third: the distilled student with the triple loss (α_ce 5, α_clm 2, α_cos 1) and the
+    no-teacher student with α_clm 2 alone (the paper's ablation);
+ 6. a table (printed, and written to results.md) of held-out perplexity and next-token accuracy, and
+    the paired differences of the two students with their 95 % intervals; training_curves.png.
 """
 
 import argparse
 import ast
 import logging
+import math
+import os
 import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+from scripts.cli_flags import ArgumentParser, non_negative_int, number, positive_float, positive_int
 from utils import UserError, atomic_write, logger, run_command, write_json
 
 REPO = Path(__file__).resolve().parent
 SCRIPTS = REPO / "scripts"
 MIN_WORDS = 8
-BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+END_OF_TEXT = "<|endoftext|>"
+TEACHER, BEFORE = "teacher", "student before distillation"
+DISTILLED, NO_TEACHER = "distilled student", "no-teacher student"
+# DistilBERT's loss weights, with the causal-LM term in the masked-LM term's place.
+DISTILLED_ALPHAS = ("--alpha_ce", 5.0, "--alpha_clm", 2.0, "--alpha_cos", 1.0)
+NO_TEACHER_ALPHAS = ("--alpha_ce", 0.0, "--alpha_clm", 2.0, "--alpha_cos", 0.0)
+STUDENT_DROPOUT = 0.1  # distilgpt2.json's
+N_CURVE_POINTS = 10  # held-out evaluations per student run
 
 
 def stdlib_docstring_corpus() -> list[str]:
@@ -76,27 +90,24 @@ def split_corpus(lines: list[str], held_out_prop: float, seed: int) -> tuple[lis
     return lines[n_held_out:], lines[:n_held_out]
 
 
-def train_wordpiece_tokenizer(lines: Sequence[str], vocab_size: int, max_length: int, out_dir: Path) -> Path:
-    """Train a lowercasing BERT-style WordPiece tokenizer on `lines` and save it to `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+def train_bpe_tokenizer(lines: Sequence[str], vocab_size: int, max_length: int, out_dir: Path) -> Path:
+    """Train a GPT-2-style byte-level BPE tokenizer on `lines` and save it to `out_dir`.
+
+    Byte-level BPE training is deterministic (the same lines give the same tokenizer, run after run),
+    which the tokenizers library's WordPiece training is not (huggingface/tokenizers#1794).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(
-        lines, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS)
-    )
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    tokenizer.decoder = decoders.WordPiece()
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[END_OF_TEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    ))
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=max_length, unk_token="[UNK]", pad_token="[PAD]",
-        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        tokenizer_object=tokenizer, model_max_length=max_length,
+        bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(out_dir)
@@ -104,203 +115,461 @@ def train_wordpiece_tokenizer(lines: Sequence[str], vocab_size: int, max_length:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    parser = ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     parser.add_argument("--output_dir", default="quickstart_out", help="Everything the run makes goes here.")
     parser.add_argument("--force", action="store_true", help="Replace --output_dir if it exists.")
-    parser.add_argument("--text_file", default=None, help="Your own corpus, one sequence per line (default: stdlib docstrings).")
-    parser.add_argument("--max_lines", type=int, default=None, help="Use at most this many corpus lines.")
-    parser.add_argument("--held_out_prop", type=float, default=0.05)
-    parser.add_argument("--teacher_name", default=None, help="A real BERT teacher (hub name or directory): skips steps 2-3.")
-    parser.add_argument("--vocab_size", type=int, default=4000, help="WordPiece vocabulary of the local tokenizer.")
-    parser.add_argument("--max_length", type=int, default=64, help="Longest sequence (tokens); longer ones are split.")
-    parser.add_argument("--hidden", type=int, default=128, help="Hidden size of the local teacher (and the student).")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--teacher_layers", type=int, default=4)
-    parser.add_argument("--teacher_epochs", type=int, default=5, help="Masked-LM pretraining epochs of the local teacher.")
-    parser.add_argument("--student_layers", default="0 2", help="Teacher layers the student starts from (one per student layer).")
-    parser.add_argument("--distil_epochs", type=int, default=1, help="Epochs of each student (distilled and MLM-only).")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--teacher_learning_rate", type=float, default=1e-3, help="Peak LR of the teacher's pretraining.")
-    parser.add_argument("--learning_rate", type=float, default=5e-4, help="Peak LR of both students (the original's default).")
-    parser.add_argument("--n_gpu", type=int, default=0, help="0 trains on the CPU; 1 on one GPU.")
-    parser.add_argument("--seed", type=int, default=56)
+    parser.add_argument(
+        "--text_file", default=None, help="Your own corpus, one sequence per line (default: stdlib docstrings)."
+    )
+    parser.add_argument("--max_lines", type=positive_int, default=None, help="Use at most this many corpus lines.")
+    parser.add_argument(
+        "--held_out_prop", type=number(float, 0, 1, low_open=True, high_open=True), default=0.05,
+        help="Share of the corpus held out for evaluation.",
+    )
+    parser.add_argument(
+        "--student_data_prop", type=number(float, 0, 1, low_open=True), default=0.33,
+        help="Share of the train split the students train on (the teacher trains on all of it).",
+    )
+    parser.add_argument(
+        "--teacher_name", default=None, help="A real GPT-2 teacher (hub name or directory): skips steps 2-3."
+    )
+    parser.add_argument(
+        "--vocab_size", type=number(int, 257), default=4000, help="Byte-level BPE vocabulary of the local tokenizer."
+    )
+    parser.add_argument(
+        "--max_length", type=number(int, 12), default=64, help="Longest sequence (tokens); longer ones are split."
+    )
+    parser.add_argument("--hidden", type=positive_int, default=128, help="Width of the local teacher (and students).")
+    parser.add_argument("--heads", type=positive_int, default=4, help="Attention heads; must divide --hidden.")
+    parser.add_argument("--teacher_layers", type=positive_int, default=4)
+    parser.add_argument(
+        "--teacher_epochs", type=positive_int, default=4, help="Epochs of the local teacher (on all the train split)."
+    )
+    parser.add_argument(
+        "--student_layers", default="0 2", help="Teacher layers the students start from (one per student layer)."
+    )
+    parser.add_argument("--distil_epochs", type=positive_int, default=1, help="Epochs of each student over its share.")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument(
+        "--teacher_learning_rate", type=positive_float, default=2e-3, help="Peak LR of the teacher's pretraining."
+    )
+    parser.add_argument(
+        "--learning_rate", type=positive_float, default=5e-4, help="Peak LR of both students (the original's default)."
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=1,
+        help="Torch threads of each process. The figures depend on it (keep it fixed to compare runs); 1 runs best "
+        "on a busy machine, and the two students train at once anyway.",
+    )
+    parser.add_argument("--n_gpu", type=number(int, 0, 1), default=0, help="0 trains on the CPU; 1 on one GPU.")
+    parser.add_argument("--seed", type=non_negative_int, default=56)
     return parser
+
+
+def student_layer_indices(args: argparse.Namespace) -> list[int]:
+    """--student_layers as integers; with the local teacher, checked against its depth before anything runs."""
+    try:
+        layers = [int(layer) for layer in args.student_layers.split()]
+    except ValueError:
+        layers = []
+    if not layers:
+        raise UserError(f"--student_layers must list teacher layer numbers, e.g. \"0 2\" (got {args.student_layers!r})")
+    if args.teacher_name is None and not all(0 <= layer < args.teacher_layers for layer in layers):
+        raise UserError(
+            f"--student_layers {args.student_layers!r}: the local teacher has layers 0 to {args.teacher_layers - 1} "
+            "(--teacher_layers)"
+        )
+    return layers
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what the flag types alone cannot: combinations and an existing --output_dir."""
+    if args.hidden % args.heads:
+        raise UserError(f"--heads {args.heads} must divide --hidden {args.hidden}")
+    student_layer_indices(args)
+    if Path(args.output_dir).exists() and not args.force:
+        raise UserError(f"--output_dir {str(Path(args.output_dir).resolve())!r} exists; pass --force to replace it")
 
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def run_step(title: str, command: list[str]) -> float:
-    """Run one of the project's CLIs, its output streaming through; a failure stops the quickstart."""
-    logger.info(f"[quickstart] {title}: {' '.join(command[1:])}")
-    start = time.monotonic()
-    returncode = subprocess.run(command, cwd=REPO).returncode
-    if returncode != 0:
-        raise UserError(f"step '{title}' failed with exit status {returncode}; its error is printed above")
-    return time.monotonic() - start
+def child_environment(threads: int) -> dict[str, str]:
+    """The environment of every step: `threads` torch threads per process, whatever the machine.
+
+    CPU kernels split their sums differently for each thread count, so a fixed count is what makes
+    the same seed give the same table. One thread per process also keeps a busy machine from
+    stalling the run (threads that wait on each other slow down far more than one that runs alone).
+    """
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process and of its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@contextmanager
+def timed(timings: dict[str, dict[str, float]], step: str) -> Iterator[None]:
+    """Record the wall-clock and CPU seconds of the block as `timings[step]`."""
+    wall, cpu = time.monotonic(), cpu_seconds()
+    yield
+    timings[step] = {"wall_s": time.monotonic() - wall, "cpu_s": cpu_seconds() - cpu}
 
 
 def python(script: Path, *args: object) -> list[str]:
     return [sys.executable, str(script), *map(str, args)]
 
 
-def train_command(
-    args: argparse.Namespace, dump_path: Path, data: Path, counts: Path, held_out: Path, learning_rate: float,
-    *extra: object,
-) -> list[str]:
-    """train.py with the settings every quickstart run shares (batching, schedule, logging, evaluation).
+def run_step(title: str, command: list[str], env: dict[str, str]) -> None:
+    """Run one of the project's CLIs, its output streaming through; a failure stops the quickstart."""
+    logger.info(f"[quickstart] {title}: {' '.join(command[1:])}")
+    returncode = subprocess.run(command, cwd=REPO, env=env).returncode
+    if returncode != 0:
+        raise UserError(f"step '{title}' failed with exit status {returncode}; its error is printed above")
 
-    MLM targets are drawn uniformly (--mlm_smoothing 0), as the evaluation draws them: over a run this
-    short, the recipe's rarity smoothing spends the few steps on rare words, and students trained with
-    it scored worse on uniformly masked held-out text than where they started.
+
+def run_together(title: str, commands: dict[str, list[str]], env: dict[str, str], log_dir: Path) -> None:
+    """Run CLIs at the same time, one process each, the output of each in `log_dir/<name>.log`."""
+    logger.info(f"[quickstart] {title}: {len(commands)} processes at once, their output in {log_dir}/")
+    processes = {}
+    for name, command in commands.items():
+        logger.info(f"[quickstart] {name}: {' '.join(command[1:])}")
+        with open(log_dir / f"{name}.log", "w", encoding="utf-8") as log:
+            processes[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    failed = wait_for_all(processes)
+    if failed:
+        errors = [line for name in failed for line in last_error(log_dir / f"{name}.log")]
+        raise UserError(f"step '{title}' failed ({', '.join(failed)}; see {log_dir}/): {' | '.join(errors)}")
+
+
+def wait_for_all(processes: dict[str, subprocess.Popen]) -> list[str]:
+    """Wait for every process; return the names of those that failed by themselves.
+
+    The first failure, or an interruption, stops the others: a comparison with one of its two runs
+    missing is of no use.
     """
+    stopped = set()
+    try:
+        while any(process.poll() is None for process in processes.values()):
+            if any(process.returncode for process in processes.values()):
+                break
+            time.sleep(0.5)
+    finally:
+        for name, process in processes.items():
+            if process.poll() is None:
+                stopped.add(name)
+                process.terminate()
+                process.wait()
+    return [name for name, process in processes.items() if process.returncode != 0 and name not in stopped]
+
+
+def last_error(log: Path) -> list[str]:
+    """The last `error: ...` line of a CLI's log, if it wrote one."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line for line in lines if line.startswith("error:")][-1:]
+
+
+def train_command(
+    args: argparse.Namespace, dump_path: Path, data: Path, held_out: Path, learning_rate: float,
+    log_interval: int, eval_interval: int, *extra: object,
+) -> list[str]:
+    """train.py with the settings every quickstart run shares (causal LM, batching, schedule, evaluation)."""
     return python(
-        REPO / "train.py", "--force", "--dump_path", dump_path, "--data_file", data, "--token_counts", counts,
-        "--mlm", "--mlm_smoothing", 0.0, "--n_gpu", args.n_gpu, "--seed", args.seed, "--batch_size", args.batch_size,
+        REPO / "train.py", "--force", "--dump_path", dump_path, "--data_file", data, "--student_type", "gpt2",
+        "--teacher_type", "gpt2", "--n_gpu", args.n_gpu, "--seed", args.seed, "--batch_size", args.batch_size,
         "--gradient_accumulation_steps", 1, "--learning_rate", learning_rate, "--warmup_prop", 0.05,
-        "--max_model_input_size", args.max_length, "--log_interval", 10, "--checkpoint_interval", 100000,
-        "--eval_data_file", held_out, "--eval_interval", 100, *extra,
+        "--max_model_input_size", args.max_length, "--log_interval", log_interval, "--checkpoint_interval", 100000,
+        "--eval_data_file", held_out, "--eval_interval", eval_interval, *extra,
     )
+
+
+def read_corpus(args: argparse.Namespace) -> list[str]:
+    if args.text_file:
+        try:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"could not read --text_file {args.text_file!r}: {err}") from err
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        lines = stdlib_docstring_corpus()
+    lines = lines[: args.max_lines]
+    if len(lines) < 2:
+        raise UserError("the corpus needs at least two non-blank lines (one to train on, one held out)")
+    return lines
+
+
+def pretrain_local_teacher(args: argparse.Namespace, out: Path, tokenizer, data: dict[str, Path], env) -> Path:
+    """A small GPT-2 from a seeded random initialisation, pretrained by causal LM with train.py (no teacher term)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    teacher_init = out / "teacher_init"
+    torch.manual_seed(args.seed)  # the same seed, the same starting weights
+    GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_embd=args.hidden, n_layer=args.teacher_layers, n_head=args.heads,
+        n_positions=args.max_length, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        # A short run on a small corpus: dropout would only slow the teacher down.
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )).save_pretrained(teacher_init)
+    tokenizer.save_pretrained(teacher_init)
+    teacher = out / "teacher"
+    run_step("pretrain the teacher (causal LM, no teacher)", train_command(
+        args, teacher, data["train"], data["held_out"], args.teacher_learning_rate, 10, 0,
+        "--student_config", teacher_init / "config.json", "--teacher_name", teacher_init,
+        "--alpha_clm", 1.0, "--alpha_ce", 0.0, "--n_epoch", args.teacher_epochs,
+    ), env)
+    tokenizer.save_pretrained(teacher)
+    return teacher
+
+
+def write_student_config(teacher: str | Path, n_layers: int, path: Path) -> None:
+    """The teacher's architecture with `n_layers` layers and distilgpt2.json's dropout."""
+    from transformers import GPT2Config
+
+    config = GPT2Config.from_pretrained(teacher)
+    config.n_layer = n_layers
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = STUDENT_DROPOUT
+    config.to_json_file(path)
+
+
+def prepare_corpus(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
+    """Read and split the corpus, then (re)create `out` with the splits in out/data: train, students, held_out."""
+    train_lines, held_out_lines = split_corpus(read_corpus(args), args.held_out_prop, args.seed)
+    splits = {
+        "train": train_lines,
+        "students": train_lines[: max(1, round(args.student_data_prop * len(train_lines)))],
+        "held_out": held_out_lines,
+    }
+    # Replaced only now that the corpus has loaded: a bad --text_file leaves the old folder alone.
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "data").mkdir(parents=True)
+    (out / "logs").mkdir()
+    for name, lines in splits.items():
+        write_text(out / "data" / f"{name}.txt", "\n".join(lines) + "\n")
+    logger.info(
+        f"[quickstart] corpus: {len(train_lines)} train lines (the students get {len(splits['students'])} of them) "
+        f"and {len(held_out_lines)} held-out lines"
+    )
+    return splits
+
+
+def binarize(args: argparse.Namespace, out: Path, splits: dict, tokenizer_name: str, env: dict) -> dict[str, Path]:
+    """scripts/binarized_data.py on each split; returns the path of each split's binarized file."""
+    data = {}
+    for name in splits:
+        run_step(f"binarize {name}", python(
+            SCRIPTS / "binarized_data.py", "--file_path", out / "data" / f"{name}.txt", "--tokenizer_type", "gpt2",
+            "--tokenizer_name", tokenizer_name, "--dump_file", out / "data" / name, "--seed", args.seed,
+        ), env)
+        data[name] = out / "data" / f"{name}.{Path(tokenizer_name).name}.pickle"
+    return data
+
+
+def extract_student(args: argparse.Namespace, out: Path, teacher: str | Path, env: dict) -> tuple[Path, Path]:
+    """The students' common start: scripts/extract.py on --student_layers. Returns (config, weights)."""
+    layers = student_layer_indices(args)
+    student_config, student_init = out / "student_config.json", out / "student_init.pth"
+    write_student_config(teacher, len(layers), student_config)
+    run_step("extract the student from the teacher", python(
+        SCRIPTS / "extract.py", "--model_type", "gpt2", "--model_name", teacher, "--dump_checkpoint", student_init,
+        "--layers", *layers,
+    ), env)
+    return student_config, student_init
+
+
+def train_students(
+    args: argparse.Namespace, out: Path, data: dict[str, Path], teacher: str | Path, start: tuple[Path, Path],
+    n_lines: int, env: dict,
+) -> dict[str, Path]:
+    """Both students at once, one process each, from the same start on the same batches; returns their run folders.
+
+    They differ only in the loss weights. Every step is logged: the first, before any update, shows
+    both students with the same loss on the same batch.
+    """
+    runs = {DISTILLED: out / "distilled", NO_TEACHER: out / "no_teacher"}
+    eval_interval = max(1, round(math.ceil(n_lines / args.batch_size) * args.distil_epochs / N_CURVE_POINTS))
+    student_config, student_init = start
+    commands = {
+        run.name: train_command(
+            args, run, data["students"], data["held_out"], args.learning_rate, 1, eval_interval,
+            "--student_config", student_config, "--student_pretrained_weights", student_init,
+            "--teacher_name", teacher, "--n_epoch", args.distil_epochs, *alphas,
+        )
+        for run, alphas in ((runs[DISTILLED], DISTILLED_ALPHAS), (runs[NO_TEACHER], NO_TEACHER_ALPHAS))
+    }
+    run_together("train the distilled and the no-teacher student", commands, env, out / "logs")
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_args(args)
+    env = child_environment(args.threads)
     out = Path(args.output_dir).resolve()
-    if out.exists() and not args.force:
-        raise UserError(f"--output_dir {str(out)!r} exists; pass --force to replace it")
-    timings = {}
-    start = time.monotonic()
-    if args.text_file:
-        try:
-            lines = [line.strip() for line in Path(args.text_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"could not read --text_file {args.text_file!r}: {err}") from err
-    else:
-        lines = stdlib_docstring_corpus()
-    if len(lines) < 2:
-        raise UserError("the corpus needs at least two non-blank lines (one to train on, one held out)")
-    train_lines, held_out_lines = split_corpus(lines[: args.max_lines], args.held_out_prop, args.seed)
-    # Replaced only now that the corpus has loaded: a bad --text_file leaves the old folder alone.
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "data").mkdir(parents=True)
-    for name, split in (("train", train_lines), ("held_out", held_out_lines)):
-        write_text(out / "data" / f"{name}.txt", "\n".join(split) + "\n")
-    timings["corpus"] = time.monotonic() - start
-    logger.info(f"[quickstart] corpus: {len(train_lines)} train and {len(held_out_lines)} held-out lines")
+    timings: dict[str, dict[str, float]] = {}
 
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, DistilBertConfig
+    with timed(timings, "corpus and tokenizer"):
+        splits = prepare_corpus(args, out)
+        import torch
+        from transformers import AutoTokenizer
 
-    if args.teacher_name:
-        tokenizer_name = args.teacher_name
-    else:
-        tokenizer_name = str(train_wordpiece_tokenizer(train_lines, args.vocab_size, args.max_length, out / "tokenizer"))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    tag = Path(tokenizer_name).name
-    data = {}
-    for name in ("train", "held_out"):
-        timings[f"binarize {name}"] = run_step(f"binarize {name}", python(
-            SCRIPTS / "binarized_data.py", "--file_path", out / "data" / f"{name}.txt", "--tokenizer_type", "bert",
-            "--tokenizer_name", tokenizer_name, "--dump_file", out / "data" / name, "--seed", args.seed,
-        ))
-        data[name] = out / "data" / f"{name}.{tag}.pickle"
-    counts = out / "data" / f"token_counts.{tag}.pickle"
-    timings["count"] = run_step("count tokens", python(
-        SCRIPTS / "token_counts.py", "--data_file", data["train"], "--token_counts_dump", counts, "--vocab_size", len(tokenizer)
-    ))
-
+        torch.set_num_threads(args.threads)
+        if args.teacher_name:
+            tokenizer_name = args.teacher_name
+        else:
+            tokenizer_dir = train_bpe_tokenizer(splits["train"], args.vocab_size, args.max_length, out / "tokenizer")
+            tokenizer_name = str(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    with timed(timings, "binarize"):
+        data = binarize(args, out, splits, tokenizer_name, env)
     if args.teacher_name:
         teacher = args.teacher_name
     else:
-        teacher_init = out / "teacher_init"
-        BertForMaskedLM(BertConfig(
-            vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.teacher_layers,
-            num_attention_heads=args.heads, intermediate_size=4 * args.hidden, max_position_embeddings=args.max_length,
-            # A short run on a small corpus: dropout would only slow the teacher down.
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )).save_pretrained(teacher_init)
-        tokenizer.save_pretrained(teacher_init)
-        teacher = out / "teacher"
-        timings["pretrain teacher"] = run_step("pretrain the teacher (masked LM, no teacher)", train_command(
-            args, teacher, data["train"], counts, data["held_out"], args.teacher_learning_rate,
-            "--student_type", "bert", "--student_config", teacher_init / "config.json",
-            "--teacher_type", "bert", "--teacher_name", teacher_init,
-            "--alpha_mlm", 1.0, "--alpha_ce", 0.0, "--alpha_clm", 0.0, "--n_epoch", args.teacher_epochs,
-            # Twice the usual targets per sequence: more signal per step for a model learning from scratch.
-            "--mlm_mask_prop", 0.3,
-        ))
-        tokenizer.save_pretrained(teacher)
-
-    teacher_config = BertConfig.from_pretrained(teacher)
-    student_layers = args.student_layers.split()
-    student_config = out / "student_config.json"
-    DistilBertConfig(
-        vocab_size=teacher_config.vocab_size, dim=teacher_config.hidden_size, n_layers=len(student_layers),
-        n_heads=teacher_config.num_attention_heads, hidden_dim=teacher_config.intermediate_size,
-        max_position_embeddings=teacher_config.max_position_embeddings, sinusoidal_pos_embds=False,
-        pad_token_id=tokenizer.pad_token_id,
-    ).to_json_file(student_config)
-    student_init = out / "student_init.pth"
-    timings["extract"] = run_step("extract the student from the teacher", python(
-        SCRIPTS / "extract_distilbert.py", "--model_type", "bert", "--model_name", teacher,
-        "--dump_checkpoint", student_init, "--vocab_transform", "--layers", *student_layers,
-    ))
-
-    student_args = (
-        "--student_type", "distilbert", "--student_config", student_config, "--student_pretrained_weights", student_init,
-        "--teacher_type", "bert", "--teacher_name", teacher, "--n_epoch", args.distil_epochs, "--alpha_clm", 0.0,
-    )
-    runs = {"distilled": out / "distilled", "mlm_only": out / "mlm_only"}
-    timings["distil"] = run_step("distil (triple loss)", train_command(
-        args, runs["distilled"], data["train"], counts, data["held_out"], args.learning_rate, *student_args,
-        "--alpha_ce", 5.0, "--alpha_mlm", 2.0, "--alpha_cos", 1.0,
-    ))
-    timings["mlm-only baseline"] = run_step("train the no-teacher baseline (MLM only)", train_command(
-        args, runs["mlm_only"], data["train"], counts, data["held_out"], args.learning_rate, *student_args,
-        "--alpha_ce", 0.0, "--alpha_mlm", 2.0, "--alpha_cos", 0.0,
-    ))
-
-    results = evaluate_all(args, teacher, tokenizer, student_init, student_config, runs, data["held_out"])
-    write_report(out, results, runs if args.teacher_name else {"teacher": teacher, **runs}, timings)
+        with timed(timings, "pretrain the teacher"):
+            teacher = pretrain_local_teacher(args, out, tokenizer, data, env)
+    with timed(timings, "extract the student"):
+        start = extract_student(args, out, teacher, env)
+    with timed(timings, "train both students (at once)"):
+        runs = train_students(args, out, data, teacher, start, len(splits["students"]), env)
+    with timed(timings, "evaluate"):
+        results = evaluate_all(args, tokenizer, teacher, start, runs, data["held_out"])
+    write_report(out, results, runs, timings, regime(args, len(splits["train"]), len(splits["students"])))
     return results
 
 
-def evaluate_all(args, teacher, tokenizer, student_init, student_config, runs, held_out) -> dict[str, dict[str, float]]:
-    """Held-out figures of the teacher and of each student, on the same masked positions."""
-    from evaluation import evaluate_model, load_eval_batches, load_model
+def regime(args: argparse.Namespace, n_train: int, n_student: int) -> str:
+    """One sentence saying what the teacher had and what the students get."""
+    teacher = (
+        f"the teacher ({args.teacher_name}) was pretrained elsewhere"
+        if args.teacher_name
+        else f"the teacher pretrained on all the train lines for {args.teacher_epochs} epochs"
+    )
+    return (
+        f"{teacher}; each student trains on {n_student} of the {n_train} train lines for {args.distil_epochs} "
+        f"epoch{'s' if args.distil_epochs > 1 else ''}, from the same teacher layers ({args.student_layers}) "
+        "and on the same batches, the two differing only in the teacher terms of the loss"
+    )
 
-    teacher_model = load_model(str(teacher))
-    batches = load_eval_batches(str(held_out), tokenizer, args.max_length, True, args.batch_size, 0.15, args.seed)
+
+def evaluate_all(
+    args: argparse.Namespace, tokenizer, teacher: str | Path, start: tuple[Path, Path], runs: dict[str, Path],
+    held_out: Path,
+) -> dict:
+    """Each model's held-out figures on the same positions (every next token), and the students' paired differences.
+
+    Returns:
+        {"models": {name: figures}, "distilled minus no-teacher": {figure: (mean, low, high)}, "n_sequences": int}
+    """
+    from evaluation import load_eval_batches, load_model, paired_difference, per_target_predictions, target_labels
+
     models = {
-        "teacher": teacher_model,
-        "student before distillation": load_model(str(student_init), str(student_config)),
-        "distilled student": load_model(str(runs["distilled"])),
-        "MLM-only student": load_model(str(runs["mlm_only"])),
+        TEACHER: load_model(str(teacher)),
+        BEFORE: load_model(str(start[1]), str(start[0])),
+        DISTILLED: load_model(str(runs[DISTILLED])),
+        NO_TEACHER: load_model(str(runs[NO_TEACHER])),
     }
-    return {name: evaluate_model(model, batches, mlm=True, teacher=teacher_model) for name, model in models.items()}
+    batches = load_eval_batches(str(held_out), tokenizer, args.max_length, False, args.batch_size, 0.0, args.seed)
+    labels, sequences = target_labels(batches, mlm=False)
+    losses, correct, top1 = {}, {}, {}
+    for name, model in models.items():
+        losses[name], top1[name] = per_target_predictions(model, batches, mlm=False)
+        correct[name] = (top1[name] == labels).double()
+    figures = {
+        name: {
+            "loss": losses[name].mean().item(),
+            "perplexity": math.exp(losses[name].mean().item()),
+            "accuracy": correct[name].mean().item(),
+            "teacher_agreement": (top1[name] == top1[TEACHER]).double().mean().item(),
+            "n_targets": labels.numel(),
+        }
+        for name in models
+    }
+    return {
+        "models": figures,
+        "distilled minus no-teacher": {
+            "loss": paired_difference(losses[DISTILLED], losses[NO_TEACHER], sequences),
+            "accuracy": paired_difference(correct[DISTILLED], correct[NO_TEACHER], sequences),
+        },
+        "n_sequences": int(sequences.unique().numel()),
+    }
 
 
-def results_table(results: dict[str, dict[str, float]]) -> str:
-    rows = ["| model | masked-token accuracy | perplexity | top-1 agreement with teacher |", "|---|---|---|---|"]
-    for name, figures in results.items():
-        rows.append(f"| {name} | {figures['accuracy']:.1%} | {figures['perplexity']:.1f} | {figures['teacher_agreement']:.1%} |")
+def distillation_wins(results: dict) -> bool:
+    """The claim the quickstart makes: lower cross-entropy with a 95 % interval below zero, and accuracy not lower."""
+    differences = results["distilled minus no-teacher"]
+    return differences["loss"][2] < 0 and differences["accuracy"][0] >= 0
+
+
+def results_table(results: dict) -> str:
+    rows = ["| model | perplexity | next-token accuracy | top-1 agreement with teacher |", "|---|---|---|---|"]
+    for name, figures in results["models"].items():
+        rows.append(
+            f"| {name} | {figures['perplexity']:.1f} | {figures['accuracy']:.1%} | {figures['teacher_agreement']:.1%} |"
+        )
     return "\n".join(rows)
 
 
-def write_report(out: Path, results: dict, runs: dict[str, Path], timings: dict[str, float]) -> None:
-    """Print the table; write results.md, results.json and training_curves.png (of `runs`) in `out`."""
-    table = results_table(results)
-    n_targets = next(iter(results.values()))["n_targets"]
-    timing_lines = "\n".join(f"- {step}: {seconds:.0f} s" for step, seconds in timings.items())
+def comparison_table(results: dict) -> str:
+    """The distilled student minus the no-teacher student, with 95 % intervals (perplexity as a relative change)."""
+    loss, accuracy = (results["distilled minus no-teacher"][key] for key in ("loss", "accuracy"))
+    perplexity = [100 * math.expm1(value) for value in loss]
+    accuracy = [100 * value for value in accuracy]
+    rows = [
+        f"| {DISTILLED} minus {NO_TEACHER} | difference | 95 % interval |", "|---|---|---|",
+        f"| cross-entropy (nats per token) | {loss[0]:+.4f} | {loss[1]:+.4f} to {loss[2]:+.4f} |",
+        f"| perplexity | {perplexity[0]:+.1f} % | {perplexity[1]:+.1f} % to {perplexity[2]:+.1f} % |",
+        f"| next-token accuracy (points) | {accuracy[0]:+.2f} | {accuracy[1]:+.2f} to {accuracy[2]:+.2f} |",
+    ]
+    return "\n".join(rows)
+
+
+def verdict(results: dict) -> str:
+    """One sentence on the comparison, whichever way it went."""
+    loss, accuracy = (results["distilled minus no-teacher"][key] for key in ("loss", "accuracy"))
+    if distillation_wins(results):
+        return (
+            "The distilled student wins: its held-out cross-entropy is lower, with a 95 % interval entirely "
+            "below zero, and its accuracy is not lower."
+        )
+    if loss[1] > 0:
+        return "The distilled student loses here: its cross-entropy is higher, with a 95 % interval above zero."
+    if loss[2] >= 0:
+        return "No measured win in this run: the 95 % interval of the cross-entropy difference includes zero."
+    return (
+        f"No clear win in this run: the distilled student's cross-entropy is lower (95 % interval below zero), "
+        f"but its accuracy is not: {100 * accuracy[0]:+.2f} points (95 % interval {100 * accuracy[1]:+.2f} to "
+        f"{100 * accuracy[2]:+.2f})."
+    )
+
+
+def write_report(out: Path, results: dict, runs: dict[str, Path], timings: dict, regime_text: str) -> None:
+    """Print the tables; write results.md, results.json and training_curves.png in `out`."""
+    figures = results["models"]
+    n_targets, n_sequences = figures[TEACHER]["n_targets"], results["n_sequences"]
+    summary = (
+        f"Regime: {regime_text}.\n\nHeld-out causal-LM evaluation: every next token of {n_sequences} held-out "
+        f"sequences, {n_targets} positions, the same for every model.\n\n{results_table(results)}\n\n"
+        f"Paired on those {n_targets} positions; the intervals treat each held-out sequence as one observation "
+        f"(positions of one sequence are not independent).\n\n{comparison_table(results)}\n\n{verdict(results)}"
+    )
+    timing_rows = "\n".join(
+        f"| {step} | {seconds['wall_s']:.0f} | {seconds['cpu_s']:.0f} |" for step, seconds in timings.items()
+    )
+    timing_table = f"| step | wall-clock (s) | CPU (s) |\n|---|---|---|\n{timing_rows}"
     report = (
-        f"# Quickstart results\n\nHeld-out masked-LM evaluation on {n_targets} masked tokens "
-        f"(the same positions for every model).\n\n{table}\n\n![training curves](training_curves.png)\n\n"
-        f"## Time per step\n\n{timing_lines}\n"
+        f"# Quickstart results\n\n{summary}\n\n![training curves](training_curves.png)\n\n"
+        f"## Time per step\n\n{timing_table}\n"
     )
     write_text(out / "results.md", report)
-    write_json(out / "results.json", results)
-    plot_training_curves(runs, out / "training_curves.png")
-    print(f"\n{table}\n\nWritten: {out / 'results.md'}, {out / 'training_curves.png'}")
+    write_json(out / "results.json", {**results, "regime": regime_text, "timings": timings})
+    plot_training_curves(runs, figures, out / "training_curves.png")
+    print(f"\n{summary}\n\n{timing_table}\n\nWritten: {out / 'results.md'}, {out / 'training_curves.png'}")
 
 
 def read_scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
@@ -316,37 +585,31 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     return [s.step for s in scalars], [s.value for s in scalars]
 
 
-def moving_average(steps: list[int], values: list[float], window: int) -> tuple[list[int], list[float]]:
-    """Means of `window` consecutive values, at the step of each window's last value."""
-    if len(values) < window:
-        return steps, values
-    sums = [sum(values[i - window : i]) for i in range(window, len(values) + 1)]
-    return steps[window - 1 :], [total / window for total in sums]
+def plot_training_curves(runs: dict[str, Path], figures: dict[str, dict[str, float]], path: Path) -> None:
+    """Held-out perplexity and next-token accuracy of both students against the iteration, from their common
+    start (iteration 0), with the teacher's level for reference.
 
-
-def plot_training_curves(runs: dict[str, Path], path: Path) -> None:
-    """The students' training masked-LM loss (averaged over 10 log points: single batches are noisy)
-    and held-out accuracy, against iterations; and the teacher's held-out accuracy while it was
-    pretrained, when `runs` has a "teacher" run."""
+    Held-out figures rather than the training loss: length-grouped batches make the training loss
+    jump with the length of each batch's sequences, which reads as divergence when it is not.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    students = {name: run_dir for name, run_dir in runs.items() if name != "teacher"}
-    n_panels = 3 if "teacher" in runs else 2
-    fig, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4))
-    for name, run_dir in students.items():
-        axes[0].plot(*moving_average(*read_scalars(run_dir, "losses/loss_mlm"), window=10), label=name)
-        axes[1].plot(*read_scalars(run_dir, "eval/accuracy"), marker="o", label=name)
-    titles = ["students: training masked-LM loss", "students: held-out masked-token accuracy"]
-    if "teacher" in runs:
-        axes[2].plot(*read_scalars(runs["teacher"], "eval/accuracy"), marker="o", label="teacher", color="black")
-        titles.append("teacher pretraining: held-out masked-token accuracy")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
+    panels = (("perplexity", "held-out perplexity", 1.0), ("accuracy", "held-out next-token accuracy (%)", 100.0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for name, run_dir in runs.items():
+            steps, values = read_scalars(run_dir, f"eval/{key}")
+            values = [scale * value for value in (figures[BEFORE][key], *values)]
+            ax.plot([0, *steps], values, marker="o", markersize=3, label=name)
+        ax.axhline(scale * figures[TEACHER][key], color="black", linestyle="--", linewidth=1, label=TEACHER)
+        ax.set_xlabel("training iteration (batch) of each student")
+        ax.set_ylabel(label)
+        ax.set_title(label.replace(" (%)", ""))
         ax.legend()
+    fig.suptitle(f"Both students start from the {BEFORE} (iteration 0)", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -8,7 +8,7 @@ exactly as a user's local teacher would be.
 import random
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -29,9 +29,9 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from quickstart import train_wordpiece_tokenizer
 
 MAX_LEN = 64  # model_max_length of every tiny tokenizer and position range of every tiny model
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
@@ -57,10 +57,34 @@ def make_corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
+def train_wordpiece_tokenizer(corpus: list[str], vocab_size: int, max_length: int, out_dir: Path) -> Path:
+    """Train a lowercasing BERT-style WordPiece tokenizer on `corpus` and save it to `out_dir`."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.train_from_iterator(
+        corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS)
+    )
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=max_length, unk_token="[UNK]", pad_token="[PAD]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(out_dir)
+    return out_dir
+
+
 def build_tokenizer(kind: str, out_dir: Path, corpus: list[str], vocab_size: int = 400) -> Path:
     """Train a tiny tokenizer of `kind` (bert, roberta or gpt2) on `corpus` and save it to `out_dir`.
 
-    BERT's is the quickstart's own WordPiece tokenizer; RoBERTa's and GPT-2's are byte-level BPEs
+    BERT's is a WordPiece tokenizer; RoBERTa's and GPT-2's are byte-level BPEs
     with their families' special tokens.
     """
     if kind == "bert":

@@ -9,8 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation import IGNORE_INDEX, build_eval_batches, evaluate_model, mask_for_evaluation
+from evaluation import (
+    IGNORE_INDEX, build_eval_batches, evaluate_model, mask_for_evaluation, paired_difference, per_target_predictions,
+    target_labels,
+)
 from lm_seqs_dataset import LmSeqsDataset
+from utils import UserError
 
 CLS, SEP, PAD, MASK, UNK = 2, 3, 0, 4, 1
 SPECIAL = torch.tensor([PAD, UNK, CLS, SEP, MASK])
@@ -106,6 +110,55 @@ def test_figures_equal_a_hand_computation(mlm):
     assert got["perplexity"] == pytest.approx(math.exp(want["loss"]), rel=1e-5)
     assert student.calls == teacher.calls == len(batches)
 
+
+
+@pytest.mark.parametrize("mlm", [True, False])
+def test_per_target_figures_are_the_averaged_figures_position_by_position(mlm):
+    torch.manual_seed(0)
+    table = torch.randn(12, 12)
+    batches = build_eval_batches(_dataset(mlm), 2, mlm, SPECIAL.tolist(), MASK if mlm else None, seed=0)
+    losses, predictions = per_target_predictions(FixedLogits(table), batches, mlm)
+    labels, sequences = target_labels(batches, mlm)
+    shift = 0 if mlm else 1
+    want_losses, want_predictions, want_labels, want_sequences = [], [], [], []
+    for index, (input_ids, _, batch_labels) in enumerate(batches):
+        for row in range(input_ids.size(0)):
+            for pos in range(input_ids.size(1) - shift):
+                label = batch_labels[row, pos + shift].item()
+                if label != IGNORE_INDEX:
+                    logits = table[input_ids[row, pos]].double()
+                    want_losses.append((torch.logsumexp(logits, 0) - logits[label]).item())
+                    want_predictions.append(logits.argmax().item())
+                    want_labels.append(label)
+                    want_sequences.append(2 * index + row)
+    assert losses.tolist() == pytest.approx(want_losses, rel=1e-5)
+    assert predictions.tolist() == want_predictions and labels.tolist() == want_labels
+    assert sequences.tolist() == want_sequences
+    averaged = evaluate_model(FixedLogits(table), batches, mlm)
+    assert losses.mean().item() == pytest.approx(averaged["loss"], rel=1e-6)
+    assert (predictions == labels).double().mean().item() == pytest.approx(averaged["accuracy"])
+
+
+def test_paired_interval_is_the_textbook_one_when_every_target_is_its_own_cluster():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, generator=generator), torch.randn(500, generator=generator) + 0.3
+    mean, low, high = paired_difference(a, b, torch.arange(500))
+    differences = (a - b).double()
+    half_width = 1.959964 * differences.std().item() / math.sqrt(500)
+    assert mean == pytest.approx(differences.mean().item())
+    assert (low, high) == pytest.approx((mean - half_width, mean + half_width), rel=1e-5)
+
+
+def test_paired_interval_treats_each_sequence_as_one_observation():
+    """Two sequences: differences 1, 1, 1 in the first and 3 in the second. Mean over targets 1.5;
+    cluster sums 3 and 3 minus 1.5 x (3, 1) give residuals -1.5 and 1.5, so the standard error is
+    sqrt(2 / 1 x 4.5) / 4 = 0.75: wider than the 0.5 that four independent targets would give."""
+    a = torch.tensor([1.0, 1.0, 1.0, 3.0])
+    mean, low, high = paired_difference(a, torch.zeros(4), torch.tensor([7, 7, 7, 9]))
+    assert mean == pytest.approx(1.5)
+    assert (low, high) == pytest.approx((1.5 - 1.959964 * 0.75, 1.5 + 1.959964 * 0.75), rel=1e-5)
+    with pytest.raises(UserError, match="at least two sequences"):
+        paired_difference(a, torch.zeros(4), torch.zeros(4, dtype=torch.long))
 
 def test_cli_reads_pickle_and_memory_mapped_data_alike(corpus_file, teacher_dirs, tmp_path):
     """evaluation.py reads both binarized formats through the same safe readers as train.py."""
