@@ -200,12 +200,17 @@ def evaluate_model(
 
 @torch.inference_mode()
 def per_target_predictions(
-    model: nn.Module, batches: Sequence[EvalBatch], mlm: bool, device: torch.device | str = "cpu"
+    model: nn.Module,
+    batches: Sequence[EvalBatch],
+    mlm: bool,
+    device: torch.device | str = "cpu",
+    loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy and top-1 prediction of `model` at each target of `batches`, one entry per target.
 
     Targets come in batch order, then row-major within a batch (the order of `target_labels`): the
-    same order for every model evaluated on the same batches, so two models' entries pair up.
+    same order for every model evaluated on the same batches, so two models' entries pair up. Logits
+    are computed `loss_chunk_size` rows at a time, as in `evaluate_model`.
 
     Returns:
         losses: (n_targets,) float64 cross-entropy in nats.
@@ -214,11 +219,12 @@ def per_target_predictions(
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    chunk_size = loss_chunk_size if fusion_blocker(model) is None else 0
     losses, predictions = [], []
     for batch in batches:
-        logits, labels = _target_logits(model, batch, mlm, device)
-        losses.append(F.cross_entropy(logits, labels, reduction="none").double().cpu())
-        predictions.append(logits.argmax(dim=-1).cpu())
+        for logits, labels in _target_logit_chunks(model, batch, mlm, device, chunk_size):
+            losses.append(F.cross_entropy(logits, labels, reduction="none").double().cpu())
+            predictions.append(logits.argmax(dim=-1).cpu())
     model.train(was_training)
     return torch.cat(losses), torch.cat(predictions)
 
@@ -232,7 +238,7 @@ def target_labels(batches: Sequence[EvalBatch], mlm: bool) -> tuple[Tensor, Tens
     """
     labels, sequences, first = [], [], 0
     for _, _, batch_labels in batches:
-        if not mlm:  # the target of position i is token i + 1, as in _target_logits
+        if not mlm:  # the target of position i is token i + 1, as in _target_logit_chunks
             batch_labels = batch_labels[:, 1:]
         targets = batch_labels != IGNORE_INDEX
         rows = torch.arange(first, first + batch_labels.size(0))[:, None].expand_as(batch_labels)
