@@ -497,7 +497,7 @@ def test_freezing(tmp_path):
 
 def test_mlm_only_run_needs_no_teacher_weights_and_logs_eval(family_inputs, teacher_dirs, tmp_path):
     """α_ce = α_mse = α_cos = 0: the teacher's weights are never loaded (here there are none), a BERT
-    student trains by masked LM alone (how quickstart.py pretrains its teacher), and --eval_data_file
+    student trains by masked LM alone (a no-teacher baseline), and --eval_data_file
     adds eval/ figures at each epoch end and every --eval_interval iterations."""
     weightless = tmp_path / "weightless-teacher"
     weightless.mkdir()
