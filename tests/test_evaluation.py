@@ -206,5 +206,7 @@ def test_chunked_evaluation_gives_the_figures_of_full_logits_and_never_builds_th
         chunked = evaluate_model(student, batches, mlm, teacher, loss_chunk_size=chunk_size)
     assert full["n_targets"] == chunked["n_targets"] > 5 * chunk_size
     for key, value in full.items():
-        assert chunked[key] == pytest.approx(value, rel=1e-6), key
+        # The KL near 0 is a difference of float32 sums near log(vocab): its rounding depends on how the
+        # sums split over threads, so it is compared to a float32 rounding of log(vocab), not relatively.
+        assert chunked[key] == pytest.approx(value, rel=1e-6, abs=1e-6 if key == "teacher_kl" else 0), key
     assert recorder.largest <= chunk_size * vocab
