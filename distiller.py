@@ -6,8 +6,8 @@ to `dump_path`; the other processes get a do-nothing tensorboard writer.
 
 Runs survive interruptions: at every checkpoint and epoch end the master also writes
 `training_state.pth` (optimizer, schedule, scaler, counters, data position, every process's
-generator states), from which `Distiller(..., training_state=load_training_state(dump_path))`
-continues bit for bit; SIGTERM/SIGINT stop the run at the next optimizer step with that file saved.
+generator states; training_state.py), from which `Distiller(..., training_state=...)` continues
+bit for bit; SIGTERM/SIGINT stop the run at the next optimizer step with that file saved.
 """
 
 import copy
@@ -39,6 +39,12 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, get_linear_s
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from losses import DEFAULT_LOSS_CHUNK_SIZE, LOSS_TERMS, TEACHER_TERMS, StudentWithLoss
 from model_card import render_model_card
+from training_state import (
+    TRAINING_STATE,
+    TRAINING_STATE_FORMAT,
+    check_training_state,
+    optimizer_state_mismatch,
+)
 from utils import (
     IGNORE_INDEX,
     TMP_PREFIX,
@@ -60,9 +66,6 @@ if TYPE_CHECKING:
 # What the exported student's generation config keeps from its model config.
 GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
-# Everything a resume needs, beside the [F] checkpoints (which stay plain student state dicts).
-TRAINING_STATE = "training_state.pth"
-TRAINING_STATE_FORMAT = 1
 
 # Weight decay is decided by module type: the original matched the name `LayerNorm.weight`, which
 # missed DistilBERT's sa_layer_norm/output_layer_norm/vocab_layer_norm and GPT-2's ln_*.
@@ -243,99 +246,6 @@ def _build_dataloader(params: Namespace, dataset: "LmSeqsDataset") -> tuple[Samp
         num_workers=getattr(params, "num_workers", 0), pin_memory=torch.device(params.device).type == "cuda",
     )
     return sampler, batches, dataloader
-
-
-def load_training_state(dump_path: str | Path) -> dict:
-    """Read `dump_path/training_state.pth` as `Distiller.save_training_state` wrote it.
-
-    Loaded with weights_only=True: tensors and plain containers only, nothing in the file can run.
-
-    Raises:
-        UserError: the file is missing, damaged, or not a training state of this format.
-    """
-    path = Path(dump_path) / TRAINING_STATE
-    if not path.is_file():
-        raise UserError(
-            f"{str(path)!r} does not exist: the run saved no training state yet (one is saved every "
-            "--checkpoint_interval iterations and at each epoch end); start it again with --force"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    # A damaged or foreign file fails in many ways (UnpicklingError, RuntimeError, EOFError...); all mean the same.
-    except Exception as err:
-        raise UserError(f"{str(path)!r} is not a readable training state: {err}") from err
-    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
-        raise UserError(f"{str(path)!r} is not a training state of format {TRAINING_STATE_FORMAT}")
-    return state
-
-
-# What a training state holds, key by key, with the type of each value (see `_write_training_state`).
-_STATE_LAYOUT = {
-    "student": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "position": dict, "counters": dict,
-    "rng": list,
-}
-_POSITION_KEYS = ("epoch", "batches_done", "seed", "batches_per_epoch")
-_COUNTER_KEYS = ("n_total_iter", "n_optimizer_steps", "n_sequences_epoch")
-
-
-def check_training_state(
-    state: dict, world_size: int, seed: int, batches_per_epoch: int, n_epoch: int, accumulation: int
-) -> str | None:
-    """What makes `state` unusable for this run, or None: missing keys, wrong types, impossible positions.
-
-    A state is saved at the start of an accumulation window, so its position is consistent by
-    construction: iterations = epoch x batches_per_epoch + batches done, and the optimizer has
-    stepped once per completed window (the windows run across epoch ends).
-
-    Args:
-        state: what `load_training_state` read.
-        world_size, seed, batches_per_epoch, n_epoch, accumulation: this run's processes, --seed,
-            batches per epoch, --n_epoch and --gradient_accumulation_steps.
-    """
-    for key, kind in _STATE_LAYOUT.items():
-        if not isinstance(state.get(key), kind):
-            return f"its {key!r} entry is missing or not a {kind.__name__}"
-    position, counters = state["position"], state["counters"]
-    for group, keys in (("position", _POSITION_KEYS), ("counters", _COUNTER_KEYS)):
-        missing = [key for key in keys if not isinstance(state[group].get(key), int)]
-        if missing:
-            return f"its {group} lacks {', '.join(missing)}"
-    if not isinstance(counters.get("total_loss_epoch"), Tensor) or counters["total_loss_epoch"].numel() != 1:
-        return "its counters lack the epoch's loss total"
-    saved = (len(state["rng"]), position["seed"], position["batches_per_epoch"])
-    if saved != (world_size, seed, batches_per_epoch):
-        return (
-            f"it was saved by {saved[0]} process(es) with seed {saved[1]} and {saved[2]} batches per epoch; this "
-            f"run has {world_size}, {seed} and {batches_per_epoch}"
-        )
-    epoch, done, iterations = position["epoch"], position["batches_done"], counters["n_total_iter"]
-    if not (0 <= epoch <= n_epoch and 0 <= done <= batches_per_epoch and (epoch < n_epoch or done == 0)):
-        return f"its position (epoch {epoch}, {done} batches done) is outside {n_epoch} epochs of {batches_per_epoch}"
-    if iterations != epoch * batches_per_epoch + done:
-        return f"its iteration count {iterations} disagrees with its position (epoch {epoch}, {done} batches done)"
-    if counters["n_optimizer_steps"] != iterations // accumulation or iterations % accumulation:
-        return (
-            f"its {counters['n_optimizer_steps']} optimizer steps after {iterations} iterations do not fit "
-            f"--gradient_accumulation_steps {accumulation}"
-        )
-    if not all(isinstance(rng, dict) and {"python", "numpy", "torch"} <= rng.keys() for rng in state["rng"]):
-        return "its generator states are incomplete"
-    return None
-
-
-def _optimizer_state_mismatch(optimizer: torch.optim.Optimizer) -> str | None:
-    """What in a just-loaded AdamW state does not fit its parameters' shapes, or None.
-
-    `Optimizer.load_state_dict` checks the groups' sizes but not the moments' shapes, which would only
-    fail at the first step.
-    """
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for name, value in optimizer.state.get(param, {}).items():
-                if name != "step" and isinstance(value, Tensor) and value.shape != param.shape:
-                    return f"its optimizer {name} of shape {tuple(value.shape)} is for a parameter of shape " \
-                           f"{tuple(param.shape)}"
-    return None
 
 
 class _StopSignals:
@@ -989,7 +899,7 @@ class Distiller:
             except (RuntimeError, ValueError, KeyError, TypeError) as err:
                 problem = f"it does not fit this student and optimizer ({' '.join(str(err).split())[:300]})"
             else:
-                problem = _optimizer_state_mismatch(self.optimizer)
+                problem = optimizer_state_mismatch(self.optimizer)
         if problem is not None:
             raise UserError(
                 f"{str(self.dump_path / TRAINING_STATE)!r} cannot be resumed: {problem}; resume with the run's "

@@ -77,7 +77,7 @@ from transformers import (
 )
 
 import run_folder
-from distiller import LOSS_TERMS, TEACHER_TERMS, TRAINING_STATE, Distiller, load_training_state
+from distiller import LOSS_TERMS, TEACHER_TERMS, Distiller
 from evaluation import Evaluator, build_eval_batches, check_token_ids, load_binarized_data, load_token_file
 from lm_seqs_dataset import LmSeqsDataset
 from losses import DEFAULT_LOSS_CHUNK_SIZE
@@ -85,6 +85,7 @@ from run_folder import RunFolderLock
 from scripts.cli_flags import ArgumentParser, non_negative_int, out_of_range
 from scripts.model_families import auto_markers, embeddable_positions
 from scripts.token_data import load_token_counts
+from training_state import TRAINING_STATE, load_training_state
 from utils import (
     DIST_TIMEOUT_S,
     MODEL_LOAD_ERRORS,

@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoTokenizer
 if not __package__:  # run as `python bench/faults.py`: import the project from the repository root, as -m does
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distiller import TRAINING_STATE  # noqa: E402
+from training_state import TRAINING_STATE  # noqa: E402
 from tests import assets  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

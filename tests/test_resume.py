@@ -27,7 +27,8 @@ from transformers import AutoConfig, AutoTokenizer, DistilBertForMaskedLM
 import assets
 import train
 from cli_checks import child_env, error_line, free_port, run_main
-from distiller import TRAINING_STATE, EpochRandomSampler
+from distiller import EpochRandomSampler
+from training_state import TRAINING_STATE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import assets
-import distiller
 import evaluation
+import training_state
 from cli_checks import error_line, run_main
 from token_data import TokenDataError, load_token_counts
 from utils import UserError
@@ -115,9 +115,9 @@ def test_crafted_weights_and_training_states_are_refused(inputs, tmp_path, capsy
     with pytest.raises(UserError, match="could not load weights"):
         evaluation.load_model(str(weights), str(inputs.files["gpt2"]["--student_config"]))
 
-    torch.save({"format": 1, "student": Payload(marker)}, tmp_path / distiller.TRAINING_STATE)
+    torch.save({"format": 1, "student": Payload(marker)}, tmp_path / training_state.TRAINING_STATE)
     with pytest.raises(UserError, match="is not a readable training state"):
-        distiller.load_training_state(tmp_path)
+        training_state.load_training_state(tmp_path)
     assert not marker.exists()
 
 
@@ -163,13 +163,13 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_the_run_can_resume(inp
     assert not [path.name for path in dump.iterdir() if path.name.endswith(".tmp")]
 
     # A path that cannot become a file: the resumed run fails at its first write, the state stays.
-    state_before = (dump / distiller.TRAINING_STATE).read_bytes()
+    state_before = (dump / training_state.TRAINING_STATE).read_bytes()
     (dump / "config.json").unlink()
     (dump / "config.json").mkdir()
     status, stderr = run_main(inputs("gpt2", dump, **{"--resume": None}), capsys)
     assert status == 1
     assert error_line(stderr).startswith(f"error: could not write '{dump / 'config.json'}': Is a directory")
-    assert (dump / distiller.TRAINING_STATE).read_bytes() == state_before
+    assert (dump / training_state.TRAINING_STATE).read_bytes() == state_before
 
     shutil.rmtree(dump / "config.json")
     status, stderr = run_main(inputs("gpt2", dump, **{"--resume": None}), capsys)
