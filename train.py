@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -629,7 +630,9 @@ def build_student(args: Namespace) -> nn.Module:
         reason = " ".join(str(err).split())[:500]
         if weights is None:  # an inconsistent config: heads not dividing the width...
             raise UserError(f"could not build the student from --student_config {args.student_config!r}: {reason}") from err
-        # shape mismatches included: a checkpoint of another architecture or width
+        if isinstance(err, (OSError, SafetensorError)):  # a damaged or truncated file
+            raise UserError(f"could not read --student_pretrained_weights {weights!r}: {reason}") from err
+        # shape mismatches: a checkpoint of another architecture or width
         raise UserError(f"--student_pretrained_weights {weights!r} does not fit the student: {reason}") from err
     n_tensors = len(student.state_dict())
     n_found = n_tensors - len(set(missing))

@@ -107,6 +107,16 @@ def _truncated_teacher(teacher_dirs, tmp_path) -> str:
     return str(damaged)
 
 
+def _truncated_student(family_inputs, tmp_path) -> str:
+    """A save_pretrained student folder whose model.safetensors was cut in half."""
+    folder = tmp_path / "truncated-student"
+    config = assets.student_config("distilbert", family_inputs["bert"]["vocab_size"])
+    assets.MODEL_CLASSES["distilbert"](config).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(folder)
+
+
 BAD_STARTS = {
     # name: (flags replaced or added, given the fixtures; fragment of the one error line)
     "learning_rate nan": (lambda f: {"--learning_rate": "nan"}, "--learning_rate must be a finite number"),
@@ -141,6 +151,9 @@ BAD_STARTS = {
         lambda f: {"--student_config": _config_file(
             f.tmp_path, json.dumps({"vocab_size": f.vocab, "dim": 30, "n_heads": 4, "n_layers": 1, "hidden_dim": 8}))},
         "could not build the student"),
+    "truncated student weights": (
+        lambda f: {"--student_pretrained_weights": _truncated_student(f.inputs, f.tmp_path)},
+        "could not read --student_pretrained_weights"),
     "truncated teacher weights": (
         lambda f: {"--teacher_name": _truncated_teacher(f.teachers, f.tmp_path)}, "could not load a bert teacher"),
 }
@@ -202,6 +215,17 @@ def test_evaluation_refuses_ids_outside_the_vocabulary(bad_id, dtype, mmap, fami
         evaluation.main(argv)
     vocab = family_inputs["bert"]["vocab_size"]
     assert f"--data_file {data_file!r} holds token id {bad_id}, outside the vocabulary of {vocab} entries" in str(error.value)
+
+
+def test_evaluation_refuses_a_truncated_model_in_one_line(family_inputs, teacher_dirs, tmp_path):
+    student = _truncated_student(family_inputs, tmp_path)
+    argv = ["--data_file", family_inputs["bert"]["data_file"], "--student", student, "--tokenizer_name",
+            str(teacher_dirs["bert"])]
+    with pytest.raises(UserError, match=f"could not load {student!r} as a distilbert model: .*deserializing"):
+        evaluation.main(argv)
+    with pytest.raises(UserError, match="could not load .* as a bert model"):
+        evaluation.main([*argv[:3], str(teacher_dirs["bert"]), *argv[4:], "--teacher_name",
+                         _truncated_teacher(teacher_dirs, tmp_path)])
 
 
 def test_evaluation_command_reports_a_bad_id_in_one_line(family_inputs, teacher_dirs, tmp_path, capsys):

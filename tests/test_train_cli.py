@@ -59,6 +59,28 @@ def finished_run(request, family_inputs, tmp_path_factory):
     return kind, dump_path, result
 
 
+def test_the_finished_folder_is_a_model_that_pipeline_loads(finished_run):
+    """[+] dump_path holds what from_pretrained and pipeline need: weights, a clean config, the tokenizer."""
+    from transformers import pipeline
+
+    kind, dump_path, _ = finished_run
+    auto_class = AutoModelForCausalLM if kind == "gpt2" else AutoModelForMaskedLM
+    _, info = auto_class.from_pretrained(dump_path, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert not json.loads((dump_path / "config.json").read_text()).get("output_hidden_states")
+    tokenizer = AutoTokenizer.from_pretrained(dump_path)
+    if kind == "gpt2":
+        generated = pipeline("text-generation", model=str(dump_path))("the student", max_new_tokens=2, do_sample=False)
+        assert generated[0]["generated_text"].startswith("the student")
+        return
+    guesses = pipeline("fill-mask", model=str(dump_path))(f"the teacher and the {tokenizer.mask_token} model")
+    vocabulary = tokenizer.get_vocab()
+    assert len(guesses) == 5 and all(guess["token"] < len(tokenizer) for guess in guesses)
+    # Real entries of the teacher's vocabulary, decoded by its tokenizer (an empty one would give none).
+    assert all(tokenizer.convert_ids_to_tokens(guess["token"]) in vocabulary for guess in guesses)
+    assert [guess["token_str"] for guess in guesses] == [tokenizer.decode([guess["token"]]) for guess in guesses]
+
+
 def test_run_writes_every_output_file(finished_run):
     kind, dump_path, _ = finished_run
     names = {path.name for path in dump_path.iterdir()}
