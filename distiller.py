@@ -39,6 +39,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, get_linear_s
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from losses import DEFAULT_LOSS_CHUNK_SIZE, LOSS_TERMS, TEACHER_TERMS, StudentWithLoss
 from model_card import render_model_card
+from run_folder import PreviousRun
 from training_state import (
     TRAINING_STATE,
     TRAINING_STATE_FORMAT,
@@ -448,6 +449,7 @@ class Distiller:
         self.window_start: dict | None = None  # resume point at the start of the current accumulation window
         self.stop_signals = _StopSignals()
         self.stop_signal = 0  # the signal every process agreed to stop on at the last optimizer step; 0: none
+        self.previous_run: PreviousRun | None = None  # set by train(): what --force set aside, until the first save
         self.resumed = training_state is not None
         self.rng_to_restore: dict | None = None
         if self.resumed:
@@ -531,17 +533,22 @@ class Distiller:
         labels = token_ids.masked_fill(~attention_mask, IGNORE_INDEX)
         return token_ids, attention_mask, labels
 
-    def train(self) -> None:
+    def train(self, previous_run: PreviousRun | None = None) -> None:
         """Run the epochs left (all, or from where a training state stopped), then save the final student.
 
         At every checkpoint interval and epoch end the training state is saved too. SIGTERM or SIGINT
         stop the run at the next optimizer step, after saving it.
+
+        Args:
+            previous_run: the run that --force replaces, set aside in dump_path: deleted just before
+                this run writes its first checkpoint (until then the caller may put it back).
 
         Raises:
             NonFiniteLossError: a loss term became NaN or infinite (before the optimizer step).
             TrainingInterrupted: SIGTERM or SIGINT reached a process; the training state is saved.
         """
         logger.info("Starting training")
+        self.previous_run = previous_run
         self.open_tensorboard()
         if not self.resumed:
             self.log_config()
@@ -784,6 +791,7 @@ class Distiller:
         self._check_weights_finite()
         if not self.is_master:
             return
+        self._discard_previous_run()
         atomic_write(self.dump_path / "config.json", self.raw_student.config.to_json_file)
         atomic_write(self.dump_path / checkpoint_name, partial(torch.save, self.raw_student.state_dict()))
 
@@ -797,6 +805,7 @@ class Distiller:
         self._check_weights_finite()
         if not self.is_master:
             return
+        self._discard_previous_run()
         with (
             reported_as_write_error(self.dump_path),
             tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}save_pretrained.", suffix=TMP_SUFFIX, dir=self.dump_path)
@@ -815,6 +824,12 @@ class Distiller:
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             for file in Path(tmp).iterdir():
                 publish(file, self.dump_path / file.name)
+
+    def _discard_previous_run(self) -> None:
+        """Before the first checkpoint: delete the previous run that --force set aside (master only)."""
+        if self.previous_run is not None:
+            self.previous_run.discard()
+            self.previous_run = None
 
     def resume_point(self) -> dict:
         """Where a resumed run would start if the run stopped at this optimizer-step boundary.
@@ -862,6 +877,7 @@ class Distiller:
         """Write the training state of resume point `point` (master only)."""
         if not self.is_master:
             return
+        self._discard_previous_run()
         state = {
             "format": TRAINING_STATE_FORMAT,
             "student": self.raw_student.state_dict(),

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 from argparse import Namespace
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -41,6 +40,7 @@ from utils import (
     MODEL_LOAD_ERRORS,
     UserError,
     load_failure,
+    load_tensors,
     logger,
     run_command,
     special_token_ids,
@@ -321,9 +321,9 @@ def load_model(name_or_path: str, config_path: str | None = None) -> nn.Module:
         if name_or_path.endswith(".safetensors"):
             state_dict = load_safetensors(name_or_path)
         else:
-            state_dict = torch.load(name_or_path, map_location="cpu", weights_only=True)
+            state_dict = load_tensors(name_or_path)
         model.load_state_dict(state_dict)
-    except (*MODEL_LOAD_ERRORS, pickle.UnpicklingError, EOFError) as err:
+    except (*MODEL_LOAD_ERRORS, EOFError) as err:
         what = f"weights {name_or_path!r} into" if is_file else f"{name_or_path!r} as"
         raise load_failure(f"{what} a {config.model_type} model", name_or_path, err) from err
     return model

@@ -36,8 +36,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from scripts.cli_flags import ArgumentParser, non_negative_int, number, positive_float, positive_int
-from utils import UserError, atomic_write, logger, run_command, write_json
+from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, ArgumentParser, number, positive_int
+from run_folder import check_force_target
+from utils import (
+    MODEL_LOAD_ERRORS, TMP_PREFIX, TMP_SUFFIX, UserError, atomic_write, load_failure, logger, run_command, write_json,
+)
 
 REPO = Path(__file__).resolve().parent
 SCRIPTS = REPO / "scripts"
@@ -50,6 +53,12 @@ DISTILLED_ALPHAS = ("--alpha_ce", 5.0, "--alpha_clm", 2.0, "--alpha_cos", 1.0)
 NO_TEACHER_ALPHAS = ("--alpha_ce", 0.0, "--alpha_clm", 2.0, "--alpha_cos", 0.0)
 STUDENT_DROPOUT = 0.1  # distilgpt2.json's
 N_CURVE_POINTS = 10  # held-out evaluations per student run
+# What a quickstart writes in --output_dir: --force replaces a folder that holds nothing else.
+OUTPUTS = (
+    "data", "logs", "tokenizer", "teacher", "teacher_init", "student_config.json", "student_init.pth", "distilled",
+    "no_teacher", "results.md", "results.json", "training_curves.png", f"{TMP_PREFIX}*{TMP_SUFFIX}",
+)
+LEARNING_RATE = number(float, *LEARNING_RATE_RANGE, low_open=True)  # as train.py takes it, but > 0
 
 
 def stdlib_docstring_corpus() -> list[str]:
@@ -154,10 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distil_epochs", type=positive_int, default=1, help="Epochs of each student over its share.")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument(
-        "--teacher_learning_rate", type=positive_float, default=2e-3, help="Peak LR of the teacher's pretraining."
+        "--teacher_learning_rate", type=LEARNING_RATE, default=2e-3, help="Peak LR of the teacher's pretraining."
     )
     parser.add_argument(
-        "--learning_rate", type=positive_float, default=5e-4, help="Peak LR of both students (the original's default)."
+        "--learning_rate", type=LEARNING_RATE, default=5e-4, help="Peak LR of both students (the original's default)."
     )
     parser.add_argument(
         "--threads", type=positive_int, default=1,
@@ -165,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on a busy machine, and the two students train at once anyway.",
     )
     parser.add_argument("--n_gpu", type=number(int, 0, 1), default=0, help="0 trains on the CPU; 1 on one GPU.")
-    parser.add_argument("--seed", type=non_negative_int, default=56)
+    parser.add_argument("--seed", type=number(int, *SEED_RANGE), default=56)
     return parser
 
 
@@ -186,12 +195,15 @@ def student_layer_indices(args: argparse.Namespace) -> list[int]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse what the flag types alone cannot: combinations and an existing --output_dir."""
+    """Refuse what the flag types alone cannot: combinations, and an --output_dir that is not ours to replace.
+
+    --force replaces only a folder that is empty or holds what a quickstart writes (OUTPUTS), never a
+    source tree or the user's own files.
+    """
     if args.hidden % args.heads:
         raise UserError(f"--heads {args.heads} must divide --hidden {args.hidden}")
     student_layer_indices(args)
-    if Path(args.output_dir).exists() and not args.force:
-        raise UserError(f"--output_dir {str(Path(args.output_dir).resolve())!r} exists; pass --force to replace it")
+    check_force_target(Path(args.output_dir).resolve(), args.force, "--output_dir", OUTPUTS)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -289,6 +301,16 @@ def train_command(
     )
 
 
+def load_teacher_tokenizer(name: str):
+    """The tokenizer of --teacher_name, or one line saying why it could not load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except MODEL_LOAD_ERRORS as err:
+        raise load_failure(f"a tokenizer from --teacher_name {name!r}", name, err) from err
+
+
 def read_corpus(args: argparse.Namespace) -> list[str]:
     if args.text_file:
         try:
@@ -338,15 +360,20 @@ def write_student_config(teacher: str | Path, n_layers: int, path: Path) -> None
     config.to_json_file(path)
 
 
-def prepare_corpus(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
-    """Read and split the corpus, then (re)create `out` with the splits in out/data: train, students, held_out."""
+def read_splits(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Read and split the corpus: train, students (a share of train), held_out."""
     train_lines, held_out_lines = split_corpus(read_corpus(args), args.held_out_prop, args.seed)
-    splits = {
+    return {
         "train": train_lines,
         "students": train_lines[: max(1, round(args.student_data_prop * len(train_lines)))],
         "held_out": held_out_lines,
     }
-    # Replaced only now that the corpus has loaded: a bad --text_file leaves the old folder alone.
+
+
+def write_splits(out: Path, splits: dict[str, list[str]]) -> None:
+    """(Re)create `out` with the splits in out/data. Called once the corpus and any --teacher_name have
+    loaded: a bad input leaves a previous quickstart's folder alone."""
+    train_lines, held_out_lines = splits["train"], splits["held_out"]
     shutil.rmtree(out, ignore_errors=True)
     (out / "data").mkdir(parents=True)
     (out / "logs").mkdir()
@@ -356,7 +383,6 @@ def prepare_corpus(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
         f"[quickstart] corpus: {len(train_lines)} train lines (the students get {len(splits['students'])} of them) "
         f"and {len(held_out_lines)} held-out lines"
     )
-    return splits
 
 
 def binarize(args: argparse.Namespace, out: Path, splits: dict, tokenizer_name: str, env: dict) -> dict[str, Path]:
@@ -415,17 +441,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     timings: dict[str, dict[str, float]] = {}
 
     with timed(timings, "corpus and tokenizer"):
-        splits = prepare_corpus(args, out)
+        splits = read_splits(args)
         import torch
         from transformers import AutoTokenizer
 
         torch.set_num_threads(args.threads)
         if args.teacher_name:
             tokenizer_name = args.teacher_name
+            tokenizer = load_teacher_tokenizer(tokenizer_name)  # before write_splits replaces --output_dir
+            write_splits(out, splits)
         else:
+            write_splits(out, splits)
             tokenizer_dir = train_bpe_tokenizer(splits["train"], args.vocab_size, args.max_length, out / "tokenizer")
             tokenizer_name = str(tokenizer_dir)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     with timed(timings, "binarize"):
         data = binarize(args, out, splits, tokenizer_name, env)
     if args.teacher_name:

@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import shlex
 import sys
 import tempfile
@@ -83,7 +82,7 @@ from evaluation import Evaluator, build_eval_batches, check_token_ids, load_bina
 from lm_seqs_dataset import LmSeqsDataset
 from losses import DEFAULT_LOSS_CHUNK_SIZE
 from run_folder import RunFolderLock
-from scripts.cli_flags import ArgumentParser, non_negative_int, out_of_range
+from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, ArgumentParser, non_negative_int, out_of_range
 from scripts.model_families import auto_markers, embeddable_positions
 from scripts.token_data import load_token_counts
 from training_state import TRAINING_STATE, load_training_state
@@ -95,6 +94,7 @@ from utils import (
     UserError,
     init_gpu_params,
     load_failure,
+    load_tensors,
     logger,
     set_seed,
     setup_logging,
@@ -130,7 +130,9 @@ AUTO_REQUIRED_ROLES = {True: ("pad_token", "mask_token"), False: ()}
 # anything else, so that NaN, infinities and impossible values never reach the optimizer, the sampler,
 # the masking or the random generators.
 FLAG_RANGES = {
-    "temperature": (0, None, True),
+    # The losses scale logits by 1/T and the soft-target term by T**2: far outside any useful temperature,
+    # these overflow float32 (and 1/T**2 a Python float).
+    "temperature": (1e-3, 1e3),
     **{f"alpha_{term}": (0,) for term in LOSS_TERMS},
     "mlm_mask_prop": (0, 1, True),
     "word_mask": (0, 1),
@@ -143,14 +145,14 @@ FLAG_RANGES = {
     "warmup_prop": (0, 1),
     # Bounded so that AdamW's arithmetic (lr / bias correction, 1 - lr x decay) stays within float32.
     "weight_decay": (0, 1e3),
-    "learning_rate": (0, 1e3),
+    "learning_rate": LEARNING_RATE_RANGE,
     "adam_epsilon": (0, None, True),
     "max_grad_norm": (0, None, True),
     "initializer_range": (0,),
     "max_model_input_size": (3,),
     "n_gpu": (0,),
     "num_workers": (0,),
-    "seed": (0, 2**32 - 1),  # numpy's seeds
+    "seed": SEED_RANGE,
     "dist_timeout": (1,),
     "eval_interval": (0,),
     "log_interval": (1,),
@@ -579,8 +581,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         if path.endswith(".safetensors"):
             return load_safetensors(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (*MODEL_LOAD_ERRORS, pickle.UnpicklingError, EOFError) as err:
+        state = load_tensors(path)
+    except (*MODEL_LOAD_ERRORS, EOFError) as err:
         raise UserError(f"could not read --student_pretrained_weights {path!r}: {' '.join(str(err).split())}") from err
     if not isinstance(state, dict):
         raise UserError(f"--student_pretrained_weights {path!r} holds a {type(state).__name__}, not a state dict")
@@ -597,6 +599,11 @@ def read_student_config(args: Namespace) -> PretrainedConfig:
             config = config_class.from_json_file(args.student_config)
     except MODEL_LOAD_ERRORS as err:
         raise UserError(f"could not read --student_config {args.student_config!r}: {' '.join(str(err).split())}") from err
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(n_layers, int) and n_layers < 1:
+        raise UserError(
+            f"--student_config {args.student_config!r} gives the student {n_layers} layers; it needs at least 1"
+        )
     return config
 
 
@@ -709,16 +716,19 @@ def tokenizer_file_names(tokenizer: PreTrainedTokenizerBase) -> set[str]:
         return {path.name for path in Path(tmp).iterdir()}
 
 
-def prepare_run_folder(args: Namespace, lock: RunFolderLock, run_files: set[str]) -> None:
+def prepare_run_folder(args: Namespace, lock: RunFolderLock, run_files: set[str]) -> run_folder.PreviousRun | None:
     """The master prepares --dump_path (run_folder.prepare); every process learns whether it could.
 
     A failure on the master alone would leave the other processes waiting in their first collective
     until --dist_timeout: they stop with it instead.
+
+    Returns:
+        On the master, the previous run that --force set aside; else None.
     """
-    error = None
+    error = previous_run = None
     if args.is_master:
         try:
-            run_folder.prepare(args, lock, run_files)
+            previous_run = run_folder.prepare(args, lock, run_files)
         except UserError as err:
             error = err
     if args.multi_gpu:
@@ -728,6 +738,7 @@ def prepare_run_folder(args: Namespace, lock: RunFolderLock, run_files: set[str]
             error = UserError("the master process could not prepare --dump_path; its error says why")
     if error is not None:
         raise error
+    return previous_run
 
 
 def run(args: Namespace) -> None:
@@ -735,6 +746,7 @@ def run(args: Namespace) -> None:
 
     Nothing is written before every flag, input file, model, weight and training state has passed its
     checks and the Distiller (optimizer, sampler, restored state) is built: a failed start loses nothing.
+    With --force the previous run is set aside, and put back if this one fails before its first checkpoint.
     The master locks an existing --dump_path before anything else (a folder in use by another run is
     refused at once), a new one as soon as it creates it, and holds the lock to the end.
     """
@@ -786,11 +798,17 @@ def run(args: Namespace) -> None:
         distiller = Distiller(args, dataset, token_probs, student, teacher, evaluator, training_state, tokenizer)
         del training_state  # taken up: free this copy of the weights and optimizer state before training
 
-        prepare_run_folder(args, lock, run_files)
+        previous_run = prepare_run_folder(args, lock, run_files)
         try:
-            distiller.train()
-        finally:
-            distiller.close()
+            distiller.train(previous_run)
+        except BaseException:
+            distiller.close()  # the tensorboard files first: restoring removes them
+            if previous_run is not None:
+                previous_run.restore()
+            raise
+        distiller.close()
+        if previous_run is not None:  # already gone unless the run ended without writing anything
+            previous_run.discard()
 
 
 def _lost_another_process(err: Exception) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from utils import UserError
+from utils import UserError, load_tensors
 
 # The file, beside the [F] checkpoints (which stay plain student state dicts), and its format.
 TRAINING_STATE = "training_state.pth"
@@ -34,7 +34,7 @@ def load_training_state(dump_path: str | Path) -> dict:
             "--checkpoint_interval iterations and at each epoch end); start it again with --force"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)
     # A damaged or foreign file fails in many ways (UnpicklingError, RuntimeError, EOFError...); all mean the same.
     except Exception as err:
         raise UserError(f"{str(path)!r} is not a readable training state: {err}") from err

@@ -4,6 +4,7 @@ provenance, atomic writes."""
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s"
@@ -57,8 +59,28 @@ def run_command(main: Callable[[], object]) -> None:
 
 
 # What loading a model, config, tokenizer or weights file raises when its files are missing, damaged,
-# inconsistent (heads not dividing the width) or unreachable: each means "cannot use this input".
-MODEL_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError)
+# inconsistent (heads not dividing the width, a zero width, a field of the wrong type) or unreachable:
+# each means "cannot use this input".
+MODEL_LOAD_ERRORS = (
+    OSError, ValueError, TypeError, KeyError, RuntimeError, ArithmeticError, SafetensorError, StrictDataclassError,
+)
+
+
+def load_tensors(path: str | os.PathLike) -> object:
+    """torch.load with weights_only=True: tensors and plain containers only, nothing in the file can run.
+
+    Raises:
+        ValueError: safe loading refused the file (not a torch.save file, or objects beyond tensors); the
+            reason only, not torch's advice to turn safety off.
+        OSError, RuntimeError, EOFError: the file is missing, truncated or damaged.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        raise ValueError(
+            f"not a torch.save file of tensors that safe loading accepts ({' '.join(reason.split())})"
+        ) from err
 
 
 def load_failure(what: str, name: str | None, err: Exception) -> UserError:

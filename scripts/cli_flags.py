@@ -15,6 +15,11 @@ from collections.abc import Callable
 from typing import NoReturn
 
 
+# Ranges of train.py's flags that quickstart.py also takes and passes on (so it refuses them up front too).
+SEED_RANGE = (0, 2**32 - 1)  # numpy's seeds
+LEARNING_RATE_RANGE = (0, 1e3)  # AdamW's arithmetic (lr / bias correction, 1 - lr x decay) stays within float32
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line usage errors: `error: <what is wrong> (see --help)`, exit status 2."""
 

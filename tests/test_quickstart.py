@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,7 +142,47 @@ def test_existing_output_dir_needs_force(tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): b"" if path.is_dir() else path.read_bytes() for path in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("contents", [
+    {".git/HEAD": "ref: refs/heads/main", "train.py": "print()", "README.md": "# mine"},  # a source checkout
+    {"data/train.txt": "a line", "notes.txt": "mine"},  # a previous quickstart's folder with a file of the user's
+    {"results.md": "old"},  # a file where the folder should be: the folder itself is a file below
+])
+def test_force_replaces_only_a_previous_quickstart_folder(contents, tmp_path):
+    out = tmp_path / "out"
+    for name, text in contents.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    if list(contents) == ["results.md"]:
+        out = out / "results.md"
+    before = snapshot(tmp_path)
+    result = subprocess.run([sys.executable, quickstart.__file__, "--output_dir", str(out), "--force"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_teacher_that_does_not_load_leaves_a_previous_quickstart_folder_alone(tmp_path):
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "results.md").write_text("the previous table")
+    before = snapshot(out)
+    result = subprocess.run(
+        [sys.executable, quickstart.__file__, "--output_dir", str(out), "--force", "--teacher_name",
+         str(tmp_path / "no-such-teacher")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: could not load a tokenizer from --teacher_name")
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("flag, value", [
+    ("--learning_rate", "1e30"), ("--seed", str(2**32)),  # beyond what train.py takes: refused before any work
     ("--held_out_prop", "1"), ("--held_out_prop", "0"), ("--held_out_prop", "nan"), ("--student_data_prop", "1.5"),
     ("--batch_size", "0"), ("--learning_rate", "inf"), ("--teacher_learning_rate", "-1e-3"), ("--seed", "-1"),
     ("--threads", "0"), ("--n_gpu", "2"), ("--vocab_size", "100"), ("--max_length", "8"),

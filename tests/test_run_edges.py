@@ -156,7 +156,29 @@ BAD_STARTS = {
         "could not read --student_pretrained_weights"),
     "truncated teacher weights": (
         lambda f: {"--teacher_name": _truncated_teacher(f.teachers, f.tmp_path)}, "could not load a bert teacher"),
+    "weights that safe loading refuses": (
+        lambda f: {"--student_pretrained_weights": _bytes_file(f.tmp_path, "s.pth", b"not a checkpoint")},
+        "not a torch.save file of tensors that safe loading accepts"),
+    "temperature that overflows": (lambda f: {"--temperature": "1e-300"}, "--temperature must be in [0.001, 1000]"),
+    "student of zero width": (lambda f: _student_config_with(f, dim=0), "could not build the student"),
+    "student of zero layers": (lambda f: _student_config_with(f, n_layers=0), "it needs at least 1"),
+    "config field of the wrong type": (
+        lambda f: _student_config_with(f, n_layers="two"), "could not read --student_config"),
+    # Failures that only training reveals: the previous run is set aside, then put back.
+    "a loss that overflows in the first steps": (lambda f: {"--alpha_ce": "1e38"}, "is not finite at iteration 2"),
+    "smoothing that leaves nothing to mask": (lambda f: {"--mlm_smoothing": "1e300"}, "loss_mlm is not finite"),
 }
+
+
+def _bytes_file(tmp_path, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def _student_config_with(f, **fields) -> dict[str, str]:
+    config = json.loads(Path(f.inputs["bert"]["student_config"]).read_text())
+    return {"--student_config": _config_file(f.tmp_path, json.dumps({**config, **fields}))}
 
 
 class _Fixtures:
@@ -177,6 +199,31 @@ def test_a_failed_start_with_force_leaves_the_previous_run_intact(
     assert status != 0
     assert fragment in error_line(stderr)
     assert snapshot(run_copy) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_keeps_the_previous_run_for_the_next_force(
+    run_copy, family_inputs, repo_root, capsys
+):
+    """--force sets the previous run aside until the new one checkpoints: a kill in between leaves it set
+    aside; the next --force that fails puts it back byte for byte, one that trains deletes it."""
+    before = snapshot(run_copy)
+    argv = bert_argv(family_inputs, run_copy, "--force")
+    killed = subprocess.run(
+        [sys.executable, str(repo_root / "tests" / "fault_injection.py"), *argv],
+        env={**child_env(repo_root), "FAULT": "sigkill@1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run_copy / "training_state.pth").exists()
+    assert (run_copy / ".previous-run" / "training_state.pth").is_file()
+
+    status, stderr = run_main(with_flags(argv, {"--alpha_ce": "1e38"}), capsys)
+    assert status == 1 and "is not finite" in error_line(stderr)
+    assert snapshot(run_copy) == before
+
+    status, _ = run_main(argv, capsys)
+    assert status == 0
+    assert not (run_copy / ".previous-run").exists()
+    assert torch.load(run_copy / "training_state.pth", weights_only=True)["counters"]["n_total_iter"] > 0
 
 
 def test_an_impossible_flag_of_evaluation_and_quick_usage_errors_are_one_line(capsys):

@@ -171,7 +171,7 @@ SANITY_CASES = [
     ("gpt2", {"--gradient_accumulation_steps": "0"}, "--gradient_accumulation_steps must be >= 1 (got 0)"),
     ("gpt2", {"--log_interval": "0"}, "--log_interval must be >= 1 (got 0)"),
     ("gpt2", {"--checkpoint_interval": "-3"}, "--checkpoint_interval must be >= 1 (got -3)"),
-    ("gpt2", {"--temperature": "0"}, "--temperature must be > 0 (got 0.0)"),
+    ("gpt2", {"--temperature": "0"}, "--temperature must be in [0.001, 1000] (got 0.0)"),
     ("gpt2", {"--warmup_prop": "1.5"}, "--warmup_prop must be in [0, 1] (got 1.5)"),
     ("gpt2", {"--max_grad_norm": "0"}, "--max_grad_norm must be > 0 (got 0.0)"),
     ("bert", {"--mlm_mask_prop": "0"}, "--mlm_mask_prop must be in (0, 1] (got 0.0)"),
@@ -354,7 +354,9 @@ def test_force_does_not_replace_a_dump_path_in_use(family_inputs, tmp_path, caps
 def test_the_master_holds_its_dump_path_while_it_trains(existing, family_inputs, tmp_path, monkeypatch):
     dump = _existing_dump(tmp_path) if existing else tmp_path / "new" / "dump"
     held_during_training = []
-    monkeypatch.setattr(train.Distiller, "train", lambda distiller: held_during_training.append(is_locked(dump)))
+    monkeypatch.setattr(
+        train.Distiller, "train", lambda distiller, previous_run: held_during_training.append(is_locked(dump))
+    )
     train.main(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0", "--force"])
     assert held_during_training == [True]
     assert not is_locked(dump)  # released at the end
