@@ -28,6 +28,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -59,6 +60,8 @@ OUTPUTS = (
     "no_teacher", "results.md", "results.json", "training_curves.png", f"{TMP_PREFIX}*{TMP_SUFFIX}",
 )
 LEARNING_RATE = number(float, *LEARNING_RATE_RANGE, low_open=True)  # as train.py takes it, but > 0
+# Exit statuses of a step stopped by SIGINT or SIGTERM (train.py's 130 and 143, or the signal itself).
+INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
 
 
 def stdlib_docstring_corpus() -> list[str]:
@@ -242,8 +245,15 @@ def run_step(title: str, command: list[str], env: dict[str, str]) -> None:
     """Run one of the project's CLIs, its output streaming through; a failure stops the quickstart."""
     logger.info(f"[quickstart] {title}: {' '.join(command[1:])}")
     returncode = subprocess.run(command, cwd=REPO, env=env).returncode
+    if returncode in INTERRUPTED:
+        raise interrupted(title)
     if returncode != 0:
         raise UserError(f"step '{title}' failed with exit status {returncode}; its error is printed above")
+
+
+def interrupted(title: str) -> UserError:
+    """The error of a step stopped by a signal: train.py then advises --resume, which the quickstart has not."""
+    return UserError(f"interrupted during step '{title}'; run the quickstart again to start over (it has no --resume)")
 
 
 def run_together(title: str, commands: dict[str, list[str]], env: dict[str, str], log_dir: Path) -> None:
@@ -255,6 +265,8 @@ def run_together(title: str, commands: dict[str, list[str]], env: dict[str, str]
         with open(log_dir / f"{name}.log", "w", encoding="utf-8") as log:
             processes[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     failed = wait_for_all(processes)
+    if any(processes[name].returncode in INTERRUPTED for name in failed):
+        raise interrupted(title)
     if failed:
         errors = [line for name in failed for line in last_error(log_dir / f"{name}.log")]
         raise UserError(f"step '{title}' failed ({', '.join(failed)}; see {log_dir}/): {' | '.join(errors)}")

@@ -709,6 +709,18 @@ def check_compatibility(student: nn.Module, teacher_config: PretrainedConfig, co
         )
 
 
+def check_run_length(args: Namespace, batches_per_epoch: int) -> None:
+    """Refuse a run whose accumulation window never closes: it would export the student it started from."""
+    n_batches = batches_per_epoch * args.n_epoch
+    if n_batches < args.gradient_accumulation_steps:
+        per_process = " on each process" if args.multi_gpu else ""
+        raise UserError(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} exceeds the number of batches in the "
+            f"whole run{per_process}, {n_batches} (--n_epoch {args.n_epoch} x {batches_per_epoch} per epoch): the "
+            "student would never be updated; lower it or --batch_size"
+        )
+
+
 def tokenizer_file_names(tokenizer: PreTrainedTokenizerBase) -> set[str]:
     """The names of the files `tokenizer.save_pretrained` writes: a run writes them into --dump_path."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -797,6 +809,7 @@ def run(args: Namespace) -> None:
         training_state = load_training_state(args.dump_path) if args.resume else None  # read by every process
         distiller = Distiller(args, dataset, token_probs, student, teacher, evaluator, training_state, tokenizer)
         del training_state  # taken up: free this copy of the weights and optimizer state before training
+        check_run_length(args, distiller.batches_per_epoch)
 
         previous_run = prepare_run_folder(args, lock, run_files)
         try:

@@ -207,6 +207,15 @@ def test_inconsistent_flags_are_refused_before_anything_is_written(flags, messag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("status", [130, 143])
+def test_an_interrupted_step_says_to_start_over_not_to_resume(status, tmp_path):
+    stopped = [sys.executable, "-c", f"import sys; print('error: stopped; run it with --resume'); sys.exit({status})"]
+    with pytest.raises(UserError, match=r"^interrupted during step 'pretrain'; run the quickstart again to start over"):
+        quickstart.run_step("pretrain", stopped, dict(os.environ))
+    with pytest.raises(UserError, match=r"^interrupted during step 'train'"):
+        quickstart.run_together("train", {"student": stopped}, dict(os.environ), tmp_path)
+
+
 def test_a_failing_student_stops_the_other_and_reports_its_error(tmp_path):
     commands = {
         "fails": [sys.executable, "-c", "import sys; print('error: the data is bad'); sys.exit(1)"],

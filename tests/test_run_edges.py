@@ -164,6 +164,10 @@ BAD_STARTS = {
     "student of zero layers": (lambda f: _student_config_with(f, n_layers=0), "it needs at least 1"),
     "config field of the wrong type": (
         lambda f: _student_config_with(f, n_layers="two"), "could not read --student_config"),
+    "accumulation beyond the whole run": (
+        lambda f: {"--gradient_accumulation_steps": "100000"}, "the student would never be updated"),
+    "one batch of everything, accumulated over two": (
+        lambda f: {"--batch_size": "100000"}, "exceeds the number of batches in the whole run, 1 (--n_epoch 1 x 1 per epoch)"),
     # Failures that only training reveals: the previous run is set aside, then put back.
     "a loss that overflows in the first steps": (lambda f: {"--alpha_ce": "1e38"}, "is not finite at iteration 2"),
     "smoothing that leaves nothing to mask": (lambda f: {"--mlm_smoothing": "1e300"}, "loss_mlm is not finite"),
