@@ -805,28 +805,28 @@ class Distiller:
         self._check_weights_finite()
         if not self.is_master:
             return
-        self._discard_previous_run()
+        if self.raw_student.can_generate():  # the token ids only: no training-time output flags
+            self.raw_student.generation_config = GenerationConfig(**{
+                name: getattr(self.raw_student.config, name) for name in GENERATION_TOKEN_IDS
+                if getattr(self.raw_student.config, name, None) is not None
+            })
+        steps = {"optimizer_steps": self.n_optimizer_steps, "iterations": self.n_total_iter, "epochs": self.epoch}
+        card = render_model_card(self.params, self.raw_student, steps, self.last_evaluation)
         with (
             reported_as_write_error(self.dump_path),
             tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}save_pretrained.", suffix=TMP_SUFFIX, dir=self.dump_path)
             as tmp,
         ):
-            if self.raw_student.can_generate():  # the token ids only: no training-time output flags
-                self.raw_student.generation_config = GenerationConfig(**{
-                    name: getattr(self.raw_student.config, name) for name in GENERATION_TOKEN_IDS
-                    if getattr(self.raw_student.config, name, None) is not None
-                })
             self.raw_student.save_pretrained(tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            steps = {"optimizer_steps": self.n_optimizer_steps, "iterations": self.n_total_iter, "epochs": self.epoch}
-            card = render_model_card(self.params, self.raw_student, steps, self.last_evaluation)
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             for file in Path(tmp).iterdir():
                 publish(file, self.dump_path / file.name)
 
     def _discard_previous_run(self) -> None:
-        """Before the first checkpoint: delete the previous run that --force set aside (master only)."""
+        """Before the first checkpoint (every save starts with one): delete the previous run that --force set
+        aside (master only)."""
         if self.previous_run is not None:
             self.previous_run.discard()
             self.previous_run = None
@@ -877,7 +877,6 @@ class Distiller:
         """Write the training state of resume point `point` (master only)."""
         if not self.is_master:
             return
-        self._discard_previous_run()
         state = {
             "format": TRAINING_STATE_FORMAT,
             "student": self.raw_student.state_dict(),

@@ -26,9 +26,8 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
 from losses import DEFAULT_LOSS_CHUNK_SIZE, fusion_blocker, logit_chunks, projection_inputs_as_logits
@@ -41,6 +40,7 @@ from utils import (
     UserError,
     load_failure,
     load_tensors,
+    load_tokenizer,
     logger,
     run_command,
     special_token_ids,
@@ -124,6 +124,16 @@ def build_eval_batches(
     return batches
 
 
+def _position_targets(labels: Tensor, mlm: bool) -> tuple[Tensor, Tensor]:
+    """What each position predicts, and whether it predicts anything: (bs, n) ids and (bs, n) bool.
+
+    n is seq_len for a masked LM; seq_len - 1 for a causal LM, whose position i predicts token i + 1.
+    """
+    if not mlm:
+        labels = labels[:, 1:]
+    return labels, labels != IGNORE_INDEX
+
+
 def _target_logit_chunks(
     model: nn.Module, batch: EvalBatch, mlm: bool, device: torch.device, chunk_size: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -135,10 +145,8 @@ def _target_logit_chunks(
     input_ids, attention_mask, labels = (t.to(device) for t in batch)
     with projection_inputs_as_logits(model) if chunk_size else nullcontext():
         rows = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    if not mlm:  # position i predicts token i + 1
-        rows, labels = rows[:, :-1], labels[:, 1:]
-    targets = labels != IGNORE_INDEX
-    rows, labels = rows[targets], labels[targets]
+    labels, targets = _position_targets(labels, mlm)
+    rows, labels = rows[:, : labels.size(1)][targets], labels[targets]
     if not chunk_size:
         yield rows.float(), labels
         return
@@ -174,23 +182,26 @@ def evaluate_model(
         teacher.eval()
     models = [model] if teacher is None else [model, teacher]
     chunk_size = loss_chunk_size if all(fusion_blocker(m) is None for m in models) else 0
-    nll = correct = agree = kl = 0.0
+    # Sums kept on the device (float64) and read once at the end: no wait for the device per chunk.
+    nll, correct, agree, kl = torch.zeros(4, dtype=torch.float64, device=device)
     n_targets = 0
     for batch in batches:
         chunks = _target_logit_chunks(model, batch, mlm, device, chunk_size)
         t_chunks = _target_logit_chunks(teacher, batch, mlm, device, chunk_size) if teacher is not None else repeat(None)
         for (logits, labels), t_chunk in zip(chunks, t_chunks):
             n_targets += labels.numel()
-            nll += F.cross_entropy(logits, labels, reduction="sum").item()
+            log_probs = logits.log_softmax(-1)  # for the cross-entropy and the KL alike
+            nll += F.nll_loss(log_probs, labels, reduction="sum")
             predictions = logits.argmax(dim=-1)
-            correct += (predictions == labels).sum().item()
+            correct += (predictions == labels).sum()
             if t_chunk is not None:
                 t_logits = t_chunk[0]
-                agree += (predictions == t_logits.argmax(dim=-1)).sum().item()
-                kl += F.kl_div(logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True, reduction="sum").item()
+                agree += (predictions == t_logits.argmax(dim=-1)).sum()
+                kl += F.kl_div(log_probs, t_logits.log_softmax(-1), log_target=True, reduction="sum")
     model.train(was_training)
     if n_targets == 0:
         raise UserError("the evaluation data has no target positions")
+    nll, correct, agree, kl = torch.stack([nll, correct, agree, kl]).tolist()
     loss = nll / n_targets
     results = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / n_targets, "n_targets": n_targets}
     if teacher is not None:
@@ -223,10 +234,10 @@ def per_target_predictions(
     losses, predictions = [], []
     for batch in batches:
         for logits, labels in _target_logit_chunks(model, batch, mlm, device, chunk_size):
-            losses.append(F.cross_entropy(logits, labels, reduction="none").double().cpu())
-            predictions.append(logits.argmax(dim=-1).cpu())
+            losses.append(F.cross_entropy(logits, labels, reduction="none").double())
+            predictions.append(logits.argmax(dim=-1))
     model.train(was_training)
-    return torch.cat(losses), torch.cat(predictions)
+    return torch.cat(losses).cpu(), torch.cat(predictions).cpu()
 
 
 def target_labels(batches: Sequence[EvalBatch], mlm: bool) -> tuple[Tensor, Tensor]:
@@ -238,9 +249,7 @@ def target_labels(batches: Sequence[EvalBatch], mlm: bool) -> tuple[Tensor, Tens
     """
     labels, sequences, first = [], [], 0
     for _, _, batch_labels in batches:
-        if not mlm:  # the target of position i is token i + 1, as in _target_logit_chunks
-            batch_labels = batch_labels[:, 1:]
-        targets = batch_labels != IGNORE_INDEX
+        batch_labels, targets = _position_targets(batch_labels, mlm)
         rows = torch.arange(first, first + batch_labels.size(0))[:, None].expand_as(batch_labels)
         labels.append(batch_labels[targets])
         sequences.append(rows[targets])
@@ -318,11 +327,7 @@ def load_model(name_or_path: str, config_path: str | None = None) -> nn.Module:
         if not is_file:
             return auto_class.from_pretrained(name_or_path, config=config)
         model = auto_class.from_config(config)
-        if name_or_path.endswith(".safetensors"):
-            state_dict = load_safetensors(name_or_path)
-        else:
-            state_dict = load_tensors(name_or_path)
-        model.load_state_dict(state_dict)
+        model.load_state_dict(load_tensors(name_or_path))
     except (*MODEL_LOAD_ERRORS, EOFError) as err:
         what = f"weights {name_or_path!r} into" if is_file else f"{name_or_path!r} as"
         raise load_failure(f"{what} a {config.model_type} model", name_or_path, err) from err
@@ -419,10 +424,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args = build_parser().parse_args(argv)
     student = load_model(args.student, args.student_config)
     teacher = load_model(args.teacher_name) if args.teacher_name else None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
-    except MODEL_LOAD_ERRORS as err:
-        raise load_failure(f"a tokenizer from --tokenizer_name {args.tokenizer_name!r}", args.tokenizer_name, err) from err
+    tokenizer = load_tokenizer(args.tokenizer_name, "--tokenizer_name")
     mlm = is_masked_lm(student.config)
     max_input_size = min(tokenizer.model_max_length, embeddable_positions(student.config) or tokenizer.model_max_length)
     vocab_size = min(model.config.vocab_size for model in (student, teacher) if model is not None)

@@ -12,6 +12,7 @@
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from functools import cache
 from typing import NamedTuple
 
 import torch
@@ -23,8 +24,6 @@ from utils import IGNORE_INDEX, logger
 LOSS_TERMS = ("ce", "mlm", "clm", "mse", "cos")
 # Terms that compare with the teacher: when all of them weigh 0 the teacher is never run.
 TEACHER_TERMS = ("ce", "mse", "cos")
-# The terms over the vocabulary, which the fused path computes, in the order of its outputs.
-VOCABULARY_TERMS = ("ce", "lm", "mse")
 
 # Rows of logits per chunk of the fused losses (--loss_chunk_size); chosen from bench/fused_loss.py.
 DEFAULT_LOSS_CHUNK_SIZE = 256
@@ -51,10 +50,17 @@ def _rows(x: Tensor, mask: Tensor) -> Tensor:
     A mask on the host selects a device tensor without a device sync: its indices are found on the host
     and copied without blocking (a device mask would need its count read back first).
     """
-    if mask.device == x.device:
-        return x[mask]
-    rows, cols = (index.to(x.device, non_blocking=True) for index in mask.nonzero(as_tuple=True))
-    return x[rows, cols]
+    return _flat_rows(x, _flat_index(mask))
+
+
+def _flat_index(mask: Tensor) -> Tensor:
+    """The flat indices (over bs * seq_len) of the True entries of a (bs, seq_len) mask, in row-major order."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def _flat_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """Rows `rows` (flat indices over its first two dimensions) of x (bs, seq_len, ...), copied without blocking."""
+    return x.flatten(0, 1).index_select(0, rows.to(x.device, non_blocking=True))
 
 
 def _kl_distillation(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
@@ -119,6 +125,7 @@ def compute_losses(
     """
     selected = lm_labels != IGNORE_INDEX if restrict_ce_to_mask else attention_mask  # (bs, seq_len) bool
 
+    @cache  # ce and mse read the same rows
     def selected_logits() -> tuple[Tensor, Tensor]:
         # Select rows, never a (bs, seq_len, vocab) mask: (n_selected, vocab) each.
         return _rows(s_logits, selected).float(), _rows(t_logits, selected).float()
@@ -369,15 +376,18 @@ def _accumulate_gradients(
     fp16 cannot hold these gradients unscaled (the loss scaler acts after this pass): a low-precision matmul
     gets the chunk's gradient brought to a maximum of 1, and its result is scaled back in float32.
     """
-    if student.dtype == torch.float32:
-        low, rescale = grad_logits, None
-    else:
+    if student.dtype == torch.float16:
         rescale = grad_logits.abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
         low = (grad_logits / rescale).to(student.dtype)
+    else:  # float32, or bfloat16, whose exponent range is float32's
+        low, rescale = grad_logits.to(student.dtype), None
     if grad_rows is not None:
         grad_rows[chunk] = _rescaled(low @ student.weight, rescale)
     if grad_weight is not None:
-        grad_weight.add_(_rescaled(low.t() @ inputs, rescale), alpha=1.0 / student.scale)
+        if low.dtype == grad_weight.dtype:  # float32: accumulated in place, no (vocab, dim) temporary
+            grad_weight.addmm_(low.t(), inputs, alpha=1.0 / student.scale)
+        else:
+            grad_weight.add_(_rescaled(low.t() @ inputs, rescale), alpha=1.0 / student.scale)
     if grad_bias is not None:
         grad_bias += grad_logits.sum(0)
 
@@ -468,13 +478,8 @@ def _loss_rows(
     has_target = (next_ids != IGNORE_INDEX).flatten()
     selected = lm_labels != IGNORE_INDEX if restrict_ce_to_mask else attention_mask
     selected = selected.flatten() if with_teacher else torch.zeros_like(has_target)
-    rows = torch.cat([has_target.nonzero().squeeze(1), (selected & ~has_target).nonzero().squeeze(1)])
+    rows = torch.cat([_flat_index(has_target), _flat_index(selected & ~has_target)])
     return rows, selected[rows], next_ids.flatten()[has_target]
-
-
-def _flat_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """Rows `rows` (flat indices over its first two dimensions) of x (bs, seq_len, ...), copied without blocking."""
-    return x.flatten(0, 1).index_select(0, rows.to(x.device, non_blocking=True))
 
 
 class StudentWithLoss(nn.Module):
@@ -617,6 +622,7 @@ class StudentWithLoss(nn.Module):
                 attention_mask, lm_labels, self.lm_term, self.restrict_ce_to_mask, with_teacher
             )
             device = s_inputs.device
+            rows = rows.to(device, non_blocking=True)  # once, for both models
             total, terms = fused_vocabulary_losses(
                 _flat_rows(s_inputs, rows),
                 self.student.get_output_embeddings(),
@@ -632,7 +638,8 @@ class StudentWithLoss(nn.Module):
             values = dict(zip(("ce", self.lm_term, "mse"), terms))
             losses = {term: values[term] for term in LOSS_TERMS if term != "cos" and alphas[term] > 0}
         if self.want_hidden:
-            losses["cos"] = _cosine_loss(_rows(s_hidden, attention_mask), _rows(teacher_output.hidden, attention_mask))
+            real = _flat_index(attention_mask).to(s_hidden.device, non_blocking=True)  # once, for both models
+            losses["cos"] = _cosine_loss(_flat_rows(s_hidden, real), _flat_rows(teacher_output.hidden, real))
             total = total + alphas["cos"] * losses["cos"]
         return total, losses
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, ArgumentParser, number, positive_int
 from run_folder import check_force_target
 from utils import (
-    MODEL_LOAD_ERRORS, TMP_PREFIX, TMP_SUFFIX, UserError, atomic_write, load_failure, logger, run_command, write_json,
+    TMP_PREFIX, TMP_SUFFIX, UserError, atomic_write, load_tokenizer, logger, run_command, write_json,
 )
 
 REPO = Path(__file__).resolve().parent
@@ -313,16 +313,6 @@ def train_command(
     )
 
 
-def load_teacher_tokenizer(name: str):
-    """The tokenizer of --teacher_name, or one line saying why it could not load."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except MODEL_LOAD_ERRORS as err:
-        raise load_failure(f"a tokenizer from --teacher_name {name!r}", name, err) from err
-
-
 def read_corpus(args: argparse.Namespace) -> list[str]:
     if args.text_file:
         try:
@@ -398,9 +388,11 @@ def write_splits(out: Path, splits: dict[str, list[str]]) -> None:
 
 
 def binarize(args: argparse.Namespace, out: Path, splits: dict, tokenizer_name: str, env: dict) -> dict[str, Path]:
-    """scripts/binarized_data.py on each split; returns the path of each split's binarized file."""
+    """scripts/binarized_data.py on each split the run reads; returns the path of each binarized file."""
     data = {}
     for name in splits:
+        if name == "train" and args.teacher_name:  # only the local teacher's pretraining reads it
+            continue
         run_step(f"binarize {name}", python(
             SCRIPTS / "binarized_data.py", "--file_path", out / "data" / f"{name}.txt", "--tokenizer_type", "gpt2",
             "--tokenizer_name", tokenizer_name, "--dump_file", out / "data" / name, "--seed", args.seed,
@@ -460,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
         if args.teacher_name:
             tokenizer_name = args.teacher_name
-            tokenizer = load_teacher_tokenizer(tokenizer_name)  # before write_splits replaces --output_dir
+            tokenizer = load_tokenizer(tokenizer_name, "--teacher_name")  # before write_splits replaces --output_dir
             write_splits(out, splits)
         else:
             write_splits(out, splits)
@@ -509,6 +501,7 @@ def evaluate_all(
     """
     from evaluation import load_eval_batches, load_model, paired_difference, per_target_predictions, target_labels
 
+    device = "cuda" if args.n_gpu else "cpu"
     models = {
         TEACHER: load_model(str(teacher)),
         BEFORE: load_model(str(start[1]), str(start[0])),
@@ -519,7 +512,7 @@ def evaluate_all(
     labels, sequences = target_labels(batches, mlm=False)
     losses, correct, top1 = {}, {}, {}
     for name, model in models.items():
-        losses[name], top1[name] = per_target_predictions(model, batches, mlm=False)
+        losses[name], top1[name] = per_target_predictions(model.to(device), batches, mlm=False, device=device)
         correct[name] = (top1[name] == labels).double()
     figures = {
         name: {

@@ -47,7 +47,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 from argparse import Namespace
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -56,14 +55,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
-    AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
     DistilBertConfig,
@@ -95,6 +92,7 @@ from utils import (
     init_gpu_params,
     load_failure,
     load_tensors,
+    load_tokenizer,
     logger,
     set_seed,
     setup_logging,
@@ -542,14 +540,6 @@ def max_model_input_size(args: Namespace, tokenizer: PreTrainedTokenizerBase, te
     return args.max_model_input_size
 
 
-def load_tokenizer(args: Namespace) -> PreTrainedTokenizerBase:
-    """The teacher's tokenizer."""
-    try:
-        return AutoTokenizer.from_pretrained(args.teacher_name)
-    except MODEL_LOAD_ERRORS as err:
-        raise load_failure(f"a tokenizer from --teacher_name {args.teacher_name!r}", args.teacher_name, err) from err
-
-
 def load_teacher(args: Namespace, with_weights: bool) -> tuple[nn.Module | None, PretrainedConfig]:
     """The teacher model (frozen, in --teacher_dtype when given) and its config; its weights are checked to be finite.
 
@@ -579,8 +569,6 @@ def check_finite(model: nn.Module, what: str) -> None:
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a torch.save file (loaded with weights_only=True)."""
     try:
-        if path.endswith(".safetensors"):
-            return load_safetensors(path)
         state = load_tensors(path)
     except (*MODEL_LOAD_ERRORS, EOFError) as err:
         raise UserError(f"could not read --student_pretrained_weights {path!r}: {' '.join(str(err).split())}") from err
@@ -721,13 +709,6 @@ def check_run_length(args: Namespace, batches_per_epoch: int) -> None:
         )
 
 
-def tokenizer_file_names(tokenizer: PreTrainedTokenizerBase) -> set[str]:
-    """The names of the files `tokenizer.save_pretrained` writes: a run writes them into --dump_path."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {path.name for path in Path(tmp).iterdir()}
-
-
 def prepare_run_folder(args: Namespace, lock: RunFolderLock, run_files: set[str]) -> run_folder.PreviousRun | None:
     """The master prepares --dump_path (run_folder.prepare); every process learns whether it could.
 
@@ -772,8 +753,9 @@ def run(args: Namespace) -> None:
     with RunFolderLock(args.dump_path) as lock:
         if args.is_master and Path(args.dump_path).is_dir():
             lock.acquire()
-        tokenizer = load_tokenizer(args)
-        run_files = tokenizer_file_names(tokenizer) if args.is_master else set()
+        tokenizer = load_tokenizer(args.teacher_name, "--teacher_name")
+        # The tokenizer's own file names (bpe.codes, source.spm...): a run saves them beside RUN_FILE_PATTERNS'.
+        run_files = set(tokenizer.vocab_files_names.values())
         if args.resume:
             check_resume(args)
         elif args.is_master:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s"
 LOG_DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
@@ -66,14 +67,27 @@ MODEL_LOAD_ERRORS = (
 )
 
 
+def load_tokenizer(name: str, flag: str):
+    """The tokenizer that `name` (a folder or a hub name, given as `flag`) holds, or one line saying why not."""
+    from transformers import AutoTokenizer  # here: quickstart.py imports this module long before transformers
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except MODEL_LOAD_ERRORS as err:
+        raise load_failure(f"a tokenizer from {flag} {name!r}", name, err) from err
+
+
 def load_tensors(path: str | os.PathLike) -> object:
-    """torch.load with weights_only=True: tensors and plain containers only, nothing in the file can run.
+    """A .safetensors file, or torch.load with weights_only=True: tensors and plain containers only,
+    nothing in the file can run.
 
     Raises:
         ValueError: safe loading refused the file (not a torch.save file, or objects beyond tensors); the
             reason only, not torch's advice to turn safety off.
-        OSError, RuntimeError, EOFError: the file is missing, truncated or damaged.
+        OSError, RuntimeError, EOFError, SafetensorError: the file is missing, truncated or damaged.
     """
+    if str(path).endswith(".safetensors"):
+        return load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

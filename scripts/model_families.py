@@ -21,7 +21,11 @@ _PROBE_TEXT = "distil the teacher"
 # ("full_attention" or "sliding_attention"), Llama 4's NoPE flags: a student keeps its chosen layers' values.
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "indexer_types")
 # Model types whose position ids start after the padding id, as RoBERTa's do: two positions fewer to use.
-PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text")
+# The masked LMs among transformers' users of create_position_ids_from_input_ids.
+PADDING_OFFSET_POSITIONS = (
+    "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod",
+    "longformer", "ibert", "mpnet", "luke", "esm",
+)
 
 # Config entries listing layer indices (Qwen-MoE's dense layers): renumbered to the student's indices.
 LAYER_INDEX_LISTS = ("mlp_only_layers",)

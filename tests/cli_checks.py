@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import train
 
@@ -50,12 +51,10 @@ def run_cli(argv: list[str], cwd, **popen_options) -> subprocess.CompletedProces
     One intra-op thread: tiny models gain nothing from more, and it keeps parallel test runs from thrashing.
     `popen_options` go to subprocess.run (e.g. a preexec_fn that limits the process).
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    script = os.path.join(os.path.dirname(train.__file__), "train.py")
-    options = {"env": env, **popen_options}
-    return subprocess.run([sys.executable, script, *argv], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          **options)
+    repo = Path(train.__file__).parent
+    options = {"env": child_env(repo), **popen_options}
+    return subprocess.run([sys.executable, str(repo / "train.py"), *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, **options)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
