@@ -1,7 +1,7 @@
 """See distillation work end to end, offline, on 2 CPU cores in minutes: the distilled student
 measurably beats the same student trained without its teacher.
 
-    python quickstart.py                       # everything local: about 7 minutes on 2 idle CPU cores
+    python quickstart.py                       # everything local: about 6 minutes on 2 idle CPU cores
     python quickstart.py --teacher_name gpt2 --text_file data/dump.txt --student_layers "0 2 4 7 9 11" --n_gpu 1
 
 The regime is the paper's: the teacher has had more data and compute than the students get. Steps,
