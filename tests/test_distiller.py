@@ -337,7 +337,10 @@ def test_accumulated_micro_batches_equal_one_large_batch(tmp_path):
         accumulated.raw_student.named_parameters(), single.raw_student.parameters(), student.parameters()
     ):
         torch.testing.assert_close(p_acc.grad, p_single.grad, rtol=1e-5, atol=1e-7, msg=name)
-        torch.testing.assert_close(p_acc, p_single, rtol=1e-5, atol=1e-7, msg=name)
+        # Adam's first step moves each weight by about lr * sign(grad): where a gradient is rounding noise
+        # (|g| near 1e-7) the two sums may differ in sign, so the weights are compared where the sign is certain.
+        certain = p_single.grad.abs() > 1e-5
+        torch.testing.assert_close(p_acc[certain], p_single[certain], rtol=1e-5, atol=1e-7, msg=name)
         changed |= not torch.equal(p_acc, p_start)
     assert changed, "the optimizer step did not move any weight"
 
