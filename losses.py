@@ -158,7 +158,7 @@ def _projection_name(model: nn.Module, projection: nn.Module) -> str:
     return next((name for name, module in model.named_modules() if module is projection), type(projection).__name__)
 
 
-def _structural_blocker(model: nn.Module) -> str | None:
+def fusion_blocker(model: nn.Module) -> str | None:
     """Why `model` has nothing the fused path could even try; None when it has a projection to try.
 
     The logit transforms of LOGIT_POSTPROCESSING are refused from the config as well: soft-capping at 30 is
@@ -176,7 +176,9 @@ def _structural_blocker(model: nn.Module) -> str | None:
     return None
 
 
-def fusion_mismatch(model: nn.Module, input_ids: Tensor, logits: Tensor, chunk_size: int) -> tuple[str | None, Tensor | None]:
+def fusion_mismatch(
+    model: nn.Module, input_ids: Tensor, logits: Tensor, chunk_size: int
+) -> tuple[str | None, Tensor | None]:
     """Whether the fused path reproduces `model`'s own logits on `input_ids`: (why not or None, projection inputs).
 
     The fused path is run as training runs it: the model's forward with its output embeddings' forward
@@ -194,7 +196,7 @@ def fusion_mismatch(model: nn.Module, input_ids: Tensor, logits: Tensor, chunk_s
     Returns:
         (None, inputs (bs, seq_len, dim)) when they match, else (the reason in a phrase, None).
     """
-    blocker = _structural_blocker(model)
+    blocker = fusion_blocker(model)
     if blocker is not None:
         return blocker, None
     projection = model.get_output_embeddings()
@@ -206,7 +208,8 @@ def fusion_mismatch(model: nn.Module, input_ids: Tensor, logits: Tensor, chunk_s
         fused = torch.cat(list(logit_chunks(rows, projection, chunk_size))).view(*inputs.shape[:-1], -1)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return f"its output embeddings ({name}) are not its vocabulary projection: skipping them fails ({first_line})", None
+        return f"its output embeddings ({name}) are not its vocabulary projection: skipping them fails ({first_line})", \
+            None
     if fused.shape != logits.shape:
         return (
             f"its output embeddings ({name}) are not its vocabulary projection: they give {tuple(fused.shape)} "
@@ -253,12 +256,12 @@ def probe_model(model: nn.Module, input_ids: Tensor, want_hidden: bool, chunk_si
         want_hidden: also read the width of its last hidden state.
         chunk_size: > 0 tries the fused path too (`fusion_mismatch`).
     """
+    input_ids = probe_rows(input_ids, chunk_size).to(next(model.parameters(), input_ids).device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            input_ids = input_ids.to(next(model.parameters()).device)
-            output = model(input_ids=input_ids, output_hidden_states=want_hidden)
+            output = model(input_ids=input_ids, **({"output_hidden_states": True} if want_hidden else {}))
             logits = output.logits.float()
             hidden_states = getattr(output, "hidden_states", None) if want_hidden else None
             width = hidden_states[-1].size(-1) if hidden_states else None
@@ -266,6 +269,15 @@ def probe_model(model: nn.Module, input_ids: Tensor, want_hidden: bool, chunk_si
     finally:
         model.train(was_training)
     return ModelProbe(model.config.model_type, logits, width, inputs, mismatch)
+
+
+def probe_rows(input_ids: Tensor, chunk_size: int) -> Tensor:
+    """The first rows of `input_ids`, at most `chunk_size` of them when > 0: the probe's full logits must not be
+    larger than a chunk of logits either."""
+    if chunk_size <= 0 or input_ids.numel() <= chunk_size:
+        return input_ids
+    n_sequences = max(1, min(input_ids.size(0), chunk_size // input_ids.size(1)))
+    return input_ids[:n_sequences, : max(1, chunk_size // n_sequences)]
 
 
 def synthetic_probe_ids(model: nn.Module) -> Tensor:
@@ -643,7 +655,7 @@ class StudentWithLoss(nn.Module):
         self.lm_term = next((term for term in ("mlm", "clm") if alphas[term] > 0), None)
         self.want_hidden = alphas["cos"] > 0
         self.fused = False
-        probe_ids = synthetic_probe_ids(student) if probe_ids is None else probe_ids
+        probe_ids = probe_rows(synthetic_probe_ids(student) if probe_ids is None else probe_ids, loss_chunk_size)
         probes = {"student": probe_model(student, probe_ids, self.want_hidden, loss_chunk_size)}
         if teacher is not None:
             probes["teacher"] = probe_model(teacher, probe_ids, self.want_hidden, loss_chunk_size)
@@ -658,8 +670,8 @@ class StudentWithLoss(nn.Module):
             self.fused = reason is None
             if reason is not None and fusion_required:
                 raise UserError(
-                    f"--loss_chunk_size {loss_chunk_size} asks for fused losses, but {reason}; pass --loss_chunk_size 0 "
-                    "to compute full logits"
+                    f"--loss_chunk_size {loss_chunk_size} asks for fused losses, but {reason}; "
+                    "pass --loss_chunk_size 0 to compute full logits"
                 )
             if reason is not None:
                 logger.warning(f"Vocabulary losses on full logits, not fused: {reason}")
@@ -675,21 +687,20 @@ class StudentWithLoss(nn.Module):
         for role, probe in probes.items():
             if probe.mismatch is not None:
                 return f"the {role} ({probe.family}) does not allow them: {probe.mismatch}"
-        student, teacher, teacher_model = probes["student"], probes.get("teacher"), teacher
+        s_probe, t_probe = probes["student"], probes.get("teacher")
         attention_mask = torch.ones(probe_ids.shape, dtype=torch.bool)
         lm_labels = probe_ids.cpu()
         alphas = {**self.alphas, "cos": 0.0}
-        want = compute_losses(student.logits, None if teacher is None else teacher.logits, None, None, attention_mask,
+        want = compute_losses(s_probe.logits, None if t_probe is None else t_probe.logits, None, None, attention_mask,
                               lm_labels, alphas, self.temperature, self.restrict_ce_to_mask)
-        teacher_output = None if teacher is None else TeacherOutput(
-            teacher.inputs, None, teacher_model.get_output_embeddings())
+        t_output = None if t_probe is None else TeacherOutput(t_probe.inputs, None, teacher.get_output_embeddings())
         with torch.no_grad():
-            _, got = self._fused_vocabulary_losses(student.inputs, teacher_output, attention_mask, lm_labels, None)
-        dtypes = [probe.inputs.dtype for probe in probes.values()]
+            _, got = self._fused_vocabulary_losses(s_probe.inputs, t_output, attention_mask, lm_labels, None)
+        tolerance = _tolerance(*(probe.inputs.dtype for probe in probes.values()))
         for term, value in want.items():
-            if not abs(got[term].item() - value.item()) <= _tolerance(*dtypes) * abs(value.item()) + 1e-5:
-                return (f"its {term} term ({got[term].item():.6g}) differs from the full-logit one ({value.item():.6g}) on "
-                        "the probe rows")
+            got_value, want_value = got[term].item(), value.item()
+            if not abs(got_value - want_value) <= tolerance * abs(want_value) + 1e-5:
+                return f"its {term} term ({got_value:.6g}) differs from the full-logit one ({want_value:.6g}) on the probe"
         return None
 
     def _forward_context(self, model: nn.Module):
@@ -769,7 +780,9 @@ class StudentWithLoss(nn.Module):
         autocast_dtype: torch.dtype | None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """`forward`'s loss with the vocabulary terms fused; s_inputs (bs, seq_len, dim) projection inputs."""
-        total, losses = self._fused_vocabulary_losses(s_inputs, teacher_output, attention_mask, lm_labels, autocast_dtype)
+        total, losses = self._fused_vocabulary_losses(
+            s_inputs, teacher_output, attention_mask, lm_labels, autocast_dtype
+        )
         if self.want_hidden:
             real = _flat_index(attention_mask).to(s_hidden.device, non_blocking=True)  # once, for both models
             losses["cos"] = _cosine_loss(_flat_rows(s_hidden, real), _flat_rows(teacher_output.hidden, real))
@@ -790,7 +803,9 @@ class StudentWithLoss(nn.Module):
         with_teacher = weights[0] > 0 or weights[2] > 0
         if not any(weight > 0 for weight in weights):
             return s_inputs.new_zeros((), dtype=torch.float32), {}
-        rows, selected, targets = _loss_rows(attention_mask, lm_labels, self.lm_term, self.restrict_ce_to_mask, with_teacher)
+        rows, selected, targets = _loss_rows(
+            attention_mask, lm_labels, self.lm_term, self.restrict_ce_to_mask, with_teacher
+        )
         device = s_inputs.device
         rows = rows.to(device, non_blocking=True)  # once, for both models
         total, terms = fused_vocabulary_losses(

@@ -549,13 +549,13 @@ def max_model_input_size(
     if args.max_model_input_size is None:
         size = min(tokenizer.model_max_length, positions or tokenizer.model_max_length)
         if size > 1_000_000:  # transformers' "no limit" sentinel: neither the tokenizer nor the config knows
-            raise UserError(f"neither the teacher's tokenizer nor its {teacher_config.model_type} model gives a maximum "
-                            "length: pass --max_model_input_size")
+            raise UserError(f"neither the teacher's tokenizer nor its {teacher_config.model_type} model gives a "
+                            "maximum length: pass --max_model_input_size")
         return size
     if positions is not None and args.max_model_input_size > positions:
         raise UserError(
-            f"--max_model_input_size {args.max_model_input_size} exceeds the {positions} positions the teacher "
-            f"({teacher_config.model_type}) can embed; pass at most {positions}"
+            f"--max_model_input_size {args.max_model_input_size} exceeds the teacher's {positions} positions "
+            f"({teacher_config.model_type}); pass at most {positions}"
         )
     return args.max_model_input_size
 
@@ -687,9 +687,10 @@ def _refuse_mismatched(weights: str, config: PretrainedConfig, mismatched: Itera
     if mismatched:
         name, checkpoint_shape, student_shape = mismatched[0]
         raise UserError(
-            f"--student_pretrained_weights {weights!r} does not fit the student ({config.model_type}): {len(mismatched)} "
-            f"tensor(s) of another shape, e.g. {name!r} {tuple(checkpoint_shape)} in the weights, {tuple(student_shape)} "
-            "in the student; pass weights of the student's width, or none to start from random weights"
+            f"--student_pretrained_weights {weights!r} does not fit the student ({config.model_type}): "
+            f"{len(mismatched)} tensor(s) of another shape, e.g. {name!r} {tuple(checkpoint_shape)} in the weights, "
+            f"{tuple(student_shape)} in the student; pass weights of the student's width, or none to start from random "
+            "weights"
         )
 
 

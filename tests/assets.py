@@ -412,8 +412,8 @@ def matrix_config(kind: str, tokenizer, n_layers: int = 4, hidden: int = 32):
     if kind == "olmo2":
         return Olmo2Config(**sizes, **ids, max_position_embeddings=MAX_LEN)
     if kind == "gemma3_text":
-        return Gemma3TextConfig(**sizes, **ids, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=MAX_LEN,
-                                sliding_window=4, layer_types=["sliding_attention", "full_attention"] * (n_layers // 2))
+        return Gemma3TextConfig(**sizes, **ids, num_key_value_heads=1, head_dim=hidden // 2,
+                                max_position_embeddings=MAX_LEN, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * (n_layers // 2))
     if kind == "mamba":
         return MambaConfig(hidden_size=hidden, num_hidden_layers=n_layers, state_size=4, expand=2, conv_kernel=3,
                            time_step_rank=4, **ids)

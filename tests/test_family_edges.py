@@ -273,7 +273,8 @@ def test_wider_starting_weights_for_a_narrow_student_are_one_line_without_transf
     config.update(dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1))
     config.to_json_file(tmp_path / "narrow.json")
     args = assets.distiller_params("unused", student_type="auto", teacher_type="auto", mlm=False,
-                                   student_config=str(tmp_path / "narrow.json"), student_pretrained_weights=str(teacher))
+                                   student_config=str(tmp_path / "narrow.json"),
+                                   student_pretrained_weights=str(teacher))
     capfd.readouterr()
     with pytest.raises(UserError, match=r"does not fit the student \(llama\): \d+ tensor\(s\) of another shape, e.g. "
                                         r"'\S+' \(\d+(, \d+)?\) in the weights, \(\d+(, \d+)?\) in the student"):

@@ -36,7 +36,7 @@ NOT_FUSABLE = {"deberta-v2": "its output embeddings (lm_predictions.lm_head.dens
 @pytest.fixture(scope="module")
 def matrix_corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("matrix-corpus") / "corpus.txt"
-    path.write_text("\n".join(assets.make_corpus(n_lines=60, seed=1)) + "\n", encoding="utf-8")
+    path.write_text("\n".join(assets.make_corpus(n_lines=40, seed=1)) + "\n", encoding="utf-8")
     return path
 
 
@@ -66,7 +66,8 @@ def train_argv(files: dict, mlm: bool, dump: Path, *extra: str, weights: bool = 
 
 def check_export(dump: Path, mlm: bool) -> None:
     """The exported folder loads whole and answers through `pipeline`."""
-    model, info = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(dump, output_loading_info=True)
+    model_class = AutoModelForMaskedLM if mlm else AutoModelForCausalLM
+    _, info = model_class.from_pretrained(dump, output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     tokenizer = AutoTokenizer.from_pretrained(dump)
     if mlm:
