@@ -37,7 +37,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
-from losses import DEFAULT_LOSS_CHUNK_SIZE, LOSS_TERMS, TEACHER_TERMS, StudentWithLoss
+from losses import DEFAULT_LOSS_CHUNK_SIZE, LOSS_TERMS, PROBE_SHAPE, TEACHER_TERMS, StudentWithLoss
 from model_card import render_model_card
 from run_folder import PreviousRun
 from training_state import (
@@ -161,6 +161,14 @@ def round_batch_for_fp16(token_ids: Tensor, lengths: Tensor, pad_id: int) -> tup
     if pad:
         token_ids = F.pad(token_ids, (0, pad), value=pad_id)
     return token_ids, lengths
+
+
+def probe_ids(dataset: "LmSeqsDataset") -> Tensor:
+    """The first PROBE_SHAPE tokens of the first sequences of the data: what StudentWithLoss probes the models with."""
+    n_sequences, length = PROBE_SHAPE
+    sequences = [dataset[index][0] for index in range(min(n_sequences, len(dataset)))]
+    length = min(length, *(len(ids) for ids in sequences))
+    return torch.tensor([ids[:length].tolist() for ids in sequences], dtype=torch.long)
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -393,11 +401,13 @@ class Distiller:
         self.last_evaluation: dict[str, float] | None = None
         self.eval_interval = getattr(params, "eval_interval", 0)
         self.raw_student = student.to(self.device).train()
-        self.vocab_size = self.raw_student.config.vocab_size
-        # The student and its loss in one module (and, for a narrower student, the projection of its hidden states).
+        self.vocab_size = self.raw_student.get_input_embeddings().weight.size(0)  # the ids it takes
+        # The student and its loss in one module (and, for a narrower student, the projection of its hidden states),
+        # after a probe of both models on the first sequences of the data: see StudentWithLoss.
         self.distillation = StudentWithLoss(
             self.raw_student, self.alphas, self.temperature, self.restrict_ce_to_mask,
             getattr(params, "loss_chunk_size", DEFAULT_LOSS_CHUNK_SIZE), self.teacher, self.seed,
+            probe_ids(dataset), getattr(params, "fused_loss_explicit", False),
         )
 
         logger.info("--- Initializing model optimizer")

@@ -30,9 +30,11 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from lm_seqs_dataset import FlatCorpus, LmSeqsDataset
-from losses import DEFAULT_LOSS_CHUNK_SIZE, fusion_blocker, logit_chunks, projection_inputs_as_logits
+from losses import (
+    DEFAULT_LOSS_CHUNK_SIZE, PROBE_SHAPE, fusion_blocker, logit_chunks, probe_model, projection_inputs_as_logits,
+)
 from scripts.cli_flags import ArgumentParser, number, positive_int
-from scripts.model_families import auto_lm_class, auto_markers, embeddable_positions, is_masked_lm
+from scripts.model_families import auto_lm_class, auto_markers, is_masked_lm, position_limit, vocabulary_size
 from scripts.token_data import TokenDataError, is_mmap_file, load_token_id_arrays, load_token_id_mmap
 from utils import (
     IGNORE_INDEX,
@@ -155,6 +157,17 @@ def _target_logit_chunks(
         yield logits, labels[start : start + chunk_size]
 
 
+def _proven_chunk_size(models: Sequence[nn.Module], batches: Sequence[EvalBatch], loss_chunk_size: int) -> int:
+    """`loss_chunk_size` when the chunked logits of every model reproduce its own on the first rows of the
+    first batch (losses.probe_model), else 0: full logits."""
+    if not loss_chunk_size or not batches or any(fusion_blocker(model) is not None for model in models):
+        return 0
+    rows, length = PROBE_SHAPE
+    probe_ids = batches[0][0][:rows, :length]
+    proven = all(probe_model(model, probe_ids, False, loss_chunk_size).mismatch is None for model in models)
+    return loss_chunk_size if proven else 0
+
+
 @torch.inference_mode()
 def evaluate_model(
     model: nn.Module,
@@ -181,7 +194,7 @@ def evaluate_model(
     if teacher is not None:
         teacher.eval()
     models = [model] if teacher is None else [model, teacher]
-    chunk_size = loss_chunk_size if all(fusion_blocker(m) is None for m in models) else 0
+    chunk_size = _proven_chunk_size(models, batches, loss_chunk_size)
     # Sums kept on the device (float64) and read once at the end: no wait for the device per chunk.
     nll, correct, agree, kl = torch.zeros(4, dtype=torch.float64, device=device)
     n_targets = 0
@@ -230,7 +243,7 @@ def per_target_predictions(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    chunk_size = loss_chunk_size if fusion_blocker(model) is None else 0
+    chunk_size = _proven_chunk_size([model], batches, loss_chunk_size)
     losses, predictions = [], []
     for batch in batches:
         for logits, labels in _target_logit_chunks(model, batch, mlm, device, chunk_size):
@@ -426,8 +439,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     teacher = load_model(args.teacher_name) if args.teacher_name else None
     tokenizer = load_tokenizer(args.tokenizer_name, "--tokenizer_name")
     mlm = is_masked_lm(student.config)
-    max_input_size = min(tokenizer.model_max_length, embeddable_positions(student.config) or tokenizer.model_max_length)
-    vocab_size = min(model.config.vocab_size for model in (student, teacher) if model is not None)
+    positions = position_limit(student, student.config)
+    max_input_size = min(tokenizer.model_max_length, positions or tokenizer.model_max_length)
+    vocab_size = min(vocabulary_size(model, model.config) for model in (student, teacher) if model is not None)
     markers = None  # the roles' (cls/sep or bos/eos)
     if (args.tokenizer_type or (AUTO if student.config.model_type not in ROLE_MARKER_TYPES else None)) == AUTO:
         try:

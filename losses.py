@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils import IGNORE_INDEX, logger
+from utils import IGNORE_INDEX, UserError, logger
 
 LOSS_TERMS = ("ce", "mlm", "clm", "mse", "cos")
 # Terms that compare with the teacher: when all of them weigh 0 the teacher is never run.
@@ -39,6 +39,12 @@ LOGIT_POSTPROCESSING = {
     "lm_head_multiplier": (None, 1, 1.0),
     "logits_mup_width_multiplier": (None, 1, 1.0),
 }
+# How far the fused path's logits and loss terms may be from the model's own, relative to their size: float32
+# matmuls summed in another order; half types keep about three significant digits.
+FUSION_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
+HALF_TOLERANCE = 2e-2
+# The rows StudentWithLoss probes both models with: (sequences, tokens); well under one training step.
+PROBE_SHAPE = (2, 16)
 
 
 # ---------------------------------------------------------------- the reference: full logits
@@ -147,23 +153,138 @@ def compute_losses(
 # ---------------------------------------------------------------- the vocabulary projection of any LM
 
 
-def fusion_blocker(model: nn.Module) -> str | None:
-    """Why the vocabulary losses of `model` cannot be fused; None when they can.
+def _projection_name(model: nn.Module, projection: nn.Module) -> str:
+    """The qualified name of `projection` inside `model`, for messages."""
+    return next((name for name, module in model.named_modules() if module is projection), type(projection).__name__)
 
-    Fusion needs the logits to be exactly `F.linear(inputs, weight, bias)` of the output embeddings
-    (tied or not): an output head of another kind, or logits transformed after it, rule it out.
+
+def fusion_blocker(model: nn.Module) -> str | None:
+    """Why `model` has nothing the fused path could even try; None when it has a projection to try.
+
+    The logit transforms of LOGIT_POSTPROCESSING are refused from the config as well: soft-capping at 30 is
+    invisible on the small logits of a probe, not on a trained model's.
     """
-    if not hasattr(model, "get_output_embeddings"):
-        return f"a {type(model).__name__} has no output embeddings"
-    projection = model.get_output_embeddings()
-    if not isinstance(projection, nn.Linear):
-        return f"its output embeddings are a {type(projection).__name__}, not a linear projection"
+    projection = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(projection, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        return "it has no output embeddings with a (vocabulary, width) weight"
     config = model.config.get_text_config()
     for attribute, neutral in LOGIT_POSTPROCESSING.items():
         value = getattr(config, attribute, None)
         if value not in neutral:
             return f"its logits are transformed after the projection ({attribute}={value} in its config)"
     return None
+
+
+def fusion_mismatch(
+    model: nn.Module, input_ids: Tensor, logits: Tensor, chunk_size: int
+) -> tuple[str | None, Tensor | None]:
+    """Whether the fused path reproduces `model`'s own logits on `input_ids`: (why not or None, projection inputs).
+
+    The fused path is run as training runs it: the model's forward with its output embeddings' forward
+    skipped (`projection_inputs_as_logits`), then `logit_chunks` over those inputs. Its logits must equal
+    the model's own `logits` within float tolerance (FUSION_TOLERANCE of the largest |logit|): a head whose
+    vocabulary projection is not `get_output_embeddings()` (DeBERTa-v2's with legacy=False), or whose logits
+    are transformed afterwards, fails here instead of training on wrong logits.
+
+    Args:
+        model: in eval mode, called under no_grad.
+        input_ids: (bs, seq_len) on the model's device.
+        logits: (bs, seq_len, vocab) float32, the model's own logits for `input_ids`.
+        chunk_size: rows per chunk.
+
+    Returns:
+        (None, inputs (bs, seq_len, dim)) when they match, else (the reason in a phrase, None).
+    """
+    blocker = fusion_blocker(model)
+    if blocker is not None:
+        return blocker, None
+    projection = model.get_output_embeddings()
+    name = f"{_projection_name(model, projection)} {tuple(projection.weight.shape)}"
+    try:
+        with projection_inputs_as_logits(model):
+            inputs = model(input_ids=input_ids).logits
+        rows = inputs.flatten(0, 1)
+        fused = torch.cat(list(logit_chunks(rows, projection, chunk_size))).view(*inputs.shape[:-1], -1)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"its output embeddings ({name}) are not its vocabulary projection: skipping them fails ({first_line})", \
+            None
+    if fused.shape != logits.shape:
+        return (
+            f"its output embeddings ({name}) are not its vocabulary projection: they give {tuple(fused.shape)} "
+            f"logits where its head gives {tuple(logits.shape)}"
+        ), None
+    error, scale = (fused - logits).abs().max().item(), logits.abs().max().item()
+    if not error <= _tolerance(inputs.dtype, projection.weight.dtype) * scale:
+        return (
+            f"its output embeddings ({name}) do not make its logits: they differ from its head's by up to {error:.3g} "
+            f"(largest |logit| {scale:.3g})"
+        ), None
+    return None, inputs
+
+
+def _tolerance(*dtypes: torch.dtype) -> float:
+    """The relative tolerance of a probe comparison for tensors of these dtypes (the loosest applies)."""
+    return max(FUSION_TOLERANCE.get(dtype, HALF_TOLERANCE) for dtype in dtypes)
+
+
+class ModelProbe(NamedTuple):
+    """What one forward of a few rows shows of a model (`probe_model`).
+
+    family: its config's model_type, for messages.
+    logits: (bs, seq_len, vocab) float32, its own.
+    hidden_width: the width of its last hidden state; None when it was not asked for or not returned.
+    inputs: (bs, seq_len, dim) inputs of its vocabulary projection from the fused path, when that path
+        reproduces `logits`; else None, and `mismatch` says why.
+    mismatch: why the fused path cannot be used; None when it can (or was not tried).
+    """
+
+    family: str
+    logits: Tensor
+    hidden_width: int | None
+    inputs: Tensor | None
+    mismatch: str | None
+
+
+def probe_model(model: nn.Module, input_ids: Tensor, want_hidden: bool, chunk_size: int) -> ModelProbe:
+    """Run `model` on a few rows (eval mode, no gradient, no random draw) and read its facts from the outputs.
+
+    Args:
+        model: any LM; its training mode is restored afterwards.
+        input_ids: (bs, seq_len) int64, moved to the model's device.
+        want_hidden: also read the width of its last hidden state.
+        chunk_size: > 0 tries the fused path too (`fusion_mismatch`).
+    """
+    input_ids = probe_rows(input_ids, chunk_size).to(next(model.parameters(), input_ids).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(input_ids=input_ids, **({"output_hidden_states": True} if want_hidden else {}))
+            logits = output.logits.float()
+            hidden_states = getattr(output, "hidden_states", None) if want_hidden else None
+            width = hidden_states[-1].size(-1) if hidden_states else None
+            mismatch, inputs = fusion_mismatch(model, input_ids, logits, chunk_size) if chunk_size > 0 else (None, None)
+    finally:
+        model.train(was_training)
+    return ModelProbe(model.config.model_type, logits, width, inputs, mismatch)
+
+
+def probe_rows(input_ids: Tensor, chunk_size: int) -> Tensor:
+    """The first rows of `input_ids`, at most `chunk_size` of them when > 0: the probe's full logits must not be
+    larger than a chunk of logits either."""
+    if chunk_size <= 0 or input_ids.numel() <= chunk_size:
+        return input_ids
+    n_sequences = max(1, min(input_ids.size(0), chunk_size // input_ids.size(1)))
+    return input_ids[:n_sequences, : max(1, chunk_size // n_sequences)]
+
+
+def synthetic_probe_ids(model: nn.Module) -> Tensor:
+    """PROBE_SHAPE ids drawn from the model's input vocabulary with a generator of their own (the global ones,
+    which masking and dropout draw from, are left alone): the probe when no data is given."""
+    vocab = model.get_input_embeddings().weight.size(0)
+    return torch.randint(vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
 
 
 def _return_input(inputs: Tensor) -> Tensor:
@@ -495,10 +616,20 @@ class StudentWithLoss(nn.Module):
         temperature: softmax temperature of ce.
         restrict_ce_to_mask: ce and mse on the MLM targets only.
         loss_chunk_size: rows of logits per chunk of the fused vocabulary losses; 0 computes full
-            logits and `compute_losses` (as do models whose logits are not a plain projection).
+            logits and `compute_losses`, as does a model whose fused path fails its probe.
         teacher: the teacher, read for its width and projection (not held); None without teacher terms.
         seed: seed of the hidden-state projection's initialisation (its own generator: the global
             ones, which masking and dropout draw from, are left as a same-width run leaves them).
+        probe_ids: (bs, seq_len) int64 ids, a few rows of the data, that both models are probed with before
+            anything trains (`probe_model`): the hidden-state widths come from their outputs, and the fused
+            path is used only if it reproduces each model's own logits and the full-logit loss terms.
+            None: `synthetic_probe_ids`.
+        fusion_required: refuse (UserError) rather than fall back to full logits when the probe fails,
+            for a user who asked for fusion explicitly.
+
+    Raises:
+        UserError: the models' logits disagree in vocabulary, a model returns no hidden states for the
+            cosine loss, or `fusion_required` and the fused path fails its probe.
     """
 
     def __init__(
@@ -510,6 +641,8 @@ class StudentWithLoss(nn.Module):
         loss_chunk_size: int,
         teacher: nn.Module | None = None,
         seed: int = 0,
+        probe_ids: Tensor | None = None,
+        fusion_required: bool = False,
     ):
         super().__init__()
         if alphas["mlm"] > 0 and alphas["clm"] > 0:
@@ -521,20 +654,54 @@ class StudentWithLoss(nn.Module):
         self.chunk_size = loss_chunk_size
         self.lm_term = next((term for term in ("mlm", "clm") if alphas[term] > 0), None)
         self.want_hidden = alphas["cos"] > 0
+        self.fused = False
+        probe_ids = probe_rows(synthetic_probe_ids(student) if probe_ids is None else probe_ids, loss_chunk_size)
+        probes = {"student": probe_model(student, probe_ids, self.want_hidden, loss_chunk_size)}
+        if teacher is not None:
+            probes["teacher"] = probe_model(teacher, probe_ids, self.want_hidden, loss_chunk_size)
+        _check_probes(probes, self.want_hidden)
         self.hidden_projection = None
-        if self.want_hidden and student.config.hidden_size != teacher.config.hidden_size:
-            self.hidden_projection = _hidden_projection(student, teacher.config.hidden_size, seed)
-        self.fused = loss_chunk_size > 0 and self._fusable(student, "student") and (
-            teacher is None or self._fusable(teacher, "teacher")
-        )
+        if self.want_hidden and probes["student"].hidden_width != probes["teacher"].hidden_width:
+            self.hidden_projection = _hidden_projection(
+                probes["student"].hidden_width, probes["teacher"].hidden_width, student, seed
+            )
+        if loss_chunk_size > 0:
+            reason = self._fusion_refusal(probes, probe_ids, teacher)
+            self.fused = reason is None
+            if reason is not None and fusion_required:
+                raise UserError(
+                    f"--loss_chunk_size {loss_chunk_size} asks for fused losses, but {reason}; "
+                    "pass --loss_chunk_size 0 to compute full logits"
+                )
+            if reason is not None:
+                logger.warning(f"Vocabulary losses on full logits, not fused: {reason}")
 
-    @staticmethod
-    def _fusable(model: nn.Module, role: str) -> bool:
-        """Whether `model`'s vocabulary losses can be fused; says why not, once, when they cannot."""
-        blocker = fusion_blocker(model)
-        if blocker is not None:
-            logger.info(f"Vocabulary losses on full logits (not fused): the {role} does not allow it: {blocker}")
-        return blocker is None
+    def _fusion_refusal(
+        self, probes: Mapping[str, ModelProbe], probe_ids: Tensor, teacher: nn.Module | None
+    ) -> str | None:
+        """Why the fused path must not be used, from the probes; None when it reproduces the full-logit path.
+
+        Each model's fused logits must equal its own (`fusion_mismatch`), and the fused loss terms of the probe
+        rows (every position a target) the `compute_losses` terms of the full logits, within float tolerance.
+        """
+        for role, probe in probes.items():
+            if probe.mismatch is not None:
+                return f"the {role} ({probe.family}) does not allow them: {probe.mismatch}"
+        s_probe, t_probe = probes["student"], probes.get("teacher")
+        attention_mask = torch.ones(probe_ids.shape, dtype=torch.bool)
+        lm_labels = probe_ids.cpu()
+        alphas = {**self.alphas, "cos": 0.0}
+        want = compute_losses(s_probe.logits, None if t_probe is None else t_probe.logits, None, None, attention_mask,
+                              lm_labels, alphas, self.temperature, self.restrict_ce_to_mask)
+        t_output = None if t_probe is None else TeacherOutput(t_probe.inputs, None, teacher.get_output_embeddings())
+        with torch.no_grad():
+            _, got = self._fused_vocabulary_losses(s_probe.inputs, t_output, attention_mask, lm_labels, None)
+        tolerance = _tolerance(*(probe.inputs.dtype for probe in probes.values()))
+        for term, value in want.items():
+            got_value, want_value = got[term].item(), value.item()
+            if not abs(got_value - want_value) <= tolerance * abs(want_value) + 1e-5:
+                return f"its {term} term ({got_value:.6g}) differs from the full-logit one ({want_value:.6g}) on the probe"
+        return None
 
     def _forward_context(self, model: nn.Module):
         """What a forward of either model runs in: with fusion, its logits are its projection's inputs."""
@@ -613,35 +780,48 @@ class StudentWithLoss(nn.Module):
         autocast_dtype: torch.dtype | None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """`forward`'s loss with the vocabulary terms fused; s_inputs (bs, seq_len, dim) projection inputs."""
-        alphas = self.alphas
-        weights = (alphas["ce"], alphas[self.lm_term] if self.lm_term else 0.0, alphas["mse"])
-        with_teacher = weights[0] > 0 or weights[2] > 0
-        losses, total = {}, s_inputs.new_zeros((), dtype=torch.float32)
-        if any(weight > 0 for weight in weights):
-            rows, selected, targets = _loss_rows(
-                attention_mask, lm_labels, self.lm_term, self.restrict_ce_to_mask, with_teacher
-            )
-            device = s_inputs.device
-            rows = rows.to(device, non_blocking=True)  # once, for both models
-            total, terms = fused_vocabulary_losses(
-                _flat_rows(s_inputs, rows),
-                self.student.get_output_embeddings(),
-                _flat_rows(teacher_output.logits, rows) if with_teacher else None,
-                teacher_output.projection if with_teacher else None,
-                selected.to(device, non_blocking=True),
-                targets.to(device, non_blocking=True),
-                weights,
-                self.temperature,
-                self.chunk_size,
-                autocast_dtype,
-            )
-            values = dict(zip(("ce", self.lm_term, "mse"), terms))
-            losses = {term: values[term] for term in LOSS_TERMS if term != "cos" and alphas[term] > 0}
+        total, losses = self._fused_vocabulary_losses(
+            s_inputs, teacher_output, attention_mask, lm_labels, autocast_dtype
+        )
         if self.want_hidden:
             real = _flat_index(attention_mask).to(s_hidden.device, non_blocking=True)  # once, for both models
             losses["cos"] = _cosine_loss(_flat_rows(s_hidden, real), _flat_rows(teacher_output.hidden, real))
-            total = total + alphas["cos"] * losses["cos"]
+            total = total + self.alphas["cos"] * losses["cos"]
         return total, losses
+
+    def _fused_vocabulary_losses(
+        self,
+        s_inputs: Tensor,
+        teacher_output: TeacherOutput | None,
+        attention_mask: Tensor,
+        lm_labels: Tensor,
+        autocast_dtype: torch.dtype | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The ce, mlm/clm and mse terms of `_fused_losses`: (their weighted total, {term: value})."""
+        alphas = self.alphas
+        weights = (alphas["ce"], alphas[self.lm_term] if self.lm_term else 0.0, alphas["mse"])
+        with_teacher = weights[0] > 0 or weights[2] > 0
+        if not any(weight > 0 for weight in weights):
+            return s_inputs.new_zeros((), dtype=torch.float32), {}
+        rows, selected, targets = _loss_rows(
+            attention_mask, lm_labels, self.lm_term, self.restrict_ce_to_mask, with_teacher
+        )
+        device = s_inputs.device
+        rows = rows.to(device, non_blocking=True)  # once, for both models
+        total, terms = fused_vocabulary_losses(
+            _flat_rows(s_inputs, rows),
+            self.student.get_output_embeddings(),
+            _flat_rows(teacher_output.logits, rows) if with_teacher else None,
+            teacher_output.projection if with_teacher else None,
+            selected.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+            weights,
+            self.temperature,
+            self.chunk_size,
+            autocast_dtype,
+        )
+        values = dict(zip(("ce", self.lm_term, "mse"), terms))
+        return total, {term: values[term] for term in LOSS_TERMS if term != "cos" and alphas[term] > 0}
 
     def loss_state_dict(self) -> dict[str, Tensor]:
         """What this module trains besides the student (the hidden-state projection): for the training state."""
@@ -655,17 +835,34 @@ class StudentWithLoss(nn.Module):
             raise ValueError(f"loss state mismatch: missing {missing}, unexpected {unexpected}")
 
 
-def _hidden_projection(student: nn.Module, teacher_width: int, seed: int) -> nn.Linear:
-    """A linear map from the student's width to the teacher's, for the cosine loss (TinyBERT's W_h, no bias).
+def _check_probes(probes: Mapping[str, ModelProbe], want_hidden: bool) -> None:
+    """Refuse what the probe shows cannot train: logits over vocabularies of different sizes, or no hidden
+    states for the cosine loss."""
+    widths = {role: probe.logits.size(-1) for role, probe in probes.items()}
+    if len(set(widths.values())) > 1:
+        raise UserError(
+            "the student's and the teacher's logits differ in vocabulary size ("
+            + ", ".join(f"{role} ({probes[role].family}): {width}" for role, width in widths.items())
+            + "); use a student config with the teacher's vocabulary"
+        )
+    for role, probe in probes.items():
+        if want_hidden and probe.hidden_width is None:
+            raise UserError(f"the {role} ({probe.family}) returns no hidden states, which the cosine loss compares; "
+                            "set --alpha_cos 0")
 
-    nn.Linear's own initialisation, drawn from a generator seeded with `seed`.
+
+def _hidden_projection(student_width: int, teacher_width: int, student: nn.Module, seed: int) -> nn.Linear:
+    """A linear map from the student's last hidden state to the teacher's, for the cosine loss (TinyBERT's W_h, no
+    bias), sized from the widths the models' hidden states really have (OPT's, say, are word_embed_proj_dim wide).
+
+    nn.Linear's own initialisation, drawn from a generator seeded with `seed`, on the student's device.
     """
     weight = next(student.parameters())
-    projection = nn.Linear(student.config.hidden_size, teacher_width, bias=False, device=weight.device)
+    projection = nn.Linear(student_width, teacher_width, bias=False, device=weight.device)
     generator = torch.Generator(device=weight.device).manual_seed(seed)
     nn.init.kaiming_uniform_(projection.weight, a=math.sqrt(5), generator=generator)
     logger.info(
-        f"The student is {student.config.hidden_size} wide and the teacher {teacher_width}: the cosine loss goes "
+        f"The student's hidden states are {student_width} wide and the teacher's {teacher_width}: the cosine loss goes "
         "through a learned projection (trained with the student, kept in the training state, not exported)"
     )
     return projection

@@ -43,12 +43,14 @@ power cut) loses only the iterations since its last checkpoint:
 
 import argparse
 import json
+import logging
 import math
 import os
 import shlex
 import sys
 from argparse import Namespace
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +82,7 @@ from lm_seqs_dataset import LmSeqsDataset
 from losses import DEFAULT_LOSS_CHUNK_SIZE
 from run_folder import RunFolderLock
 from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, ArgumentParser, non_negative_int, out_of_range
-from scripts.model_families import auto_markers, embeddable_positions
+from scripts.model_families import auto_markers, position_limit, vocabulary_size
 from scripts.token_data import load_token_counts
 from training_state import TRAINING_STATE, load_training_state
 from utils import (
@@ -171,6 +173,16 @@ MIN_WEIGHT_COVERAGE = 0.5
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with each flag's default, and the usage commands of the epilog as written (not re-wrapped)."""
+
+
+class ExplicitValue(argparse.Action):
+    """Stores a flag's value and records that it was given: `--loss_chunk_size N` (N > 0) on the command line asks
+    for fused losses explicitly (`fused_loss_explicit`), so a model that cannot have them is refused, not
+    silently trained on full logits. The default keeps falling back, as every original command expects."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.fused_loss_explicit = values > 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,10 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss_chunk_size",
         type=non_negative_int,
         default=DEFAULT_LOSS_CHUNK_SIZE,
+        action=ExplicitValue,
         help="[+] Rows of logits at a time in the losses over the vocabulary (and in evaluation): the final "
         "vocabulary projections and the ce/mlm/clm/mse terms are computed chunk by chunk, with their gradients, "
-        "so that no (rows x vocabulary) tensor larger than a chunk exists. 0: full logits, as the original.",
+        "so that no (rows x vocabulary) tensor larger than a chunk exists. 0: full logits, as the original. "
+        "Fusion is used only where a probe of both models on the first sequences shows it reproduces their own "
+        "logits; otherwise full logits, with one warning, or, when this flag is given with a value > 0, an error.",
     )
+    parser.set_defaults(fused_loss_explicit=False)
     parser.add_argument(
         "--local_rank",
         "--local-rank",
@@ -524,18 +540,22 @@ def token_probs_from_counts(counts: Sequence[int], special_ids: Iterable[int], s
     return torch.from_numpy(probs).float()
 
 
-def max_model_input_size(args: Namespace, tokenizer: PreTrainedTokenizerBase, teacher_config: PretrainedConfig) -> int:
-    """--max_model_input_size, else the tokenizer's model_max_length capped by the teacher's positions."""
-    positions = embeddable_positions(teacher_config)
+def max_model_input_size(
+    args: Namespace, tokenizer: PreTrainedTokenizerBase, teacher: nn.Module | None, teacher_config: PretrainedConfig
+) -> int:
+    """--max_model_input_size, else the tokenizer's model_max_length capped by the teacher's positions
+    (`position_limit`: its position table, else its config's, else none)."""
+    positions = position_limit(teacher, teacher_config)
     if args.max_model_input_size is None:
         size = min(tokenizer.model_max_length, positions or tokenizer.model_max_length)
         if size > 1_000_000:  # transformers' "no limit" sentinel: neither the tokenizer nor the config knows
-            raise UserError("neither the teacher's tokenizer nor its config gives a maximum length: pass "
-                            "--max_model_input_size")
+            raise UserError(f"neither the teacher's tokenizer nor its {teacher_config.model_type} model gives a "
+                            "maximum length: pass --max_model_input_size")
         return size
     if positions is not None and args.max_model_input_size > positions:
         raise UserError(
-            f"--max_model_input_size {args.max_model_input_size} exceeds the teacher's {positions} positions"
+            f"--max_model_input_size {args.max_model_input_size} exceeds the teacher's {positions} positions "
+            f"({teacher_config.model_type}); pass at most {positions}"
         )
     return args.max_model_input_size
 
@@ -612,10 +632,12 @@ def build_student(args: Namespace) -> nn.Module:
             return build(config)
         logger.info(f"Loading the student's initial weights from {weights}")
         if os.path.isdir(weights):  # trained in float32 whatever type the folder stores
-            student, info = model_class.from_pretrained(
-                weights, config=config, output_loading_info=True, dtype=torch.float32
-            )
+            with _without_load_report():  # the table transformers logs; the problems are reported below, in a line
+                student, info = model_class.from_pretrained(
+                    weights, config=config, output_loading_info=True, dtype=torch.float32, ignore_mismatched_sizes=True
+                )
             missing, unexpected = info["missing_keys"], info["unexpected_keys"]
+            _refuse_mismatched(weights, config, info["mismatched_keys"])
         else:
             student = build(config)
             missing, unexpected = student.load_state_dict(_read_state_dict(weights), strict=False)
@@ -646,6 +668,32 @@ def build_student(args: Namespace) -> nn.Module:
     return student
 
 
+@contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Silence the table of missing, unexpected and mismatched keys that from_pretrained logs (one row per
+    tensor group): build_student reports them itself, in one line or one warning each."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    level = report_logger.level
+    report_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report_logger.setLevel(level)
+
+
+def _refuse_mismatched(weights: str, config: PretrainedConfig, mismatched: Iterable) -> None:
+    """Refuse starting weights whose tensors have other shapes than the student's (those of a wider teacher)."""
+    mismatched = sorted(mismatched)
+    if mismatched:
+        name, checkpoint_shape, student_shape = mismatched[0]
+        raise UserError(
+            f"--student_pretrained_weights {weights!r} does not fit the student ({config.model_type}): "
+            f"{len(mismatched)} tensor(s) of another shape, e.g. {name!r} {tuple(checkpoint_shape)} in the weights, "
+            f"{tuple(student_shape)} in the student; pass weights of the student's width, or none to start from random "
+            "weights"
+        )
+
+
 def freeze_embeddings(student: nn.Module, args: Namespace) -> None:
     """Apply --freeze_pos_embs / --freeze_token_type_embds, and keep sinusoidal DistilBERT positions frozen.
 
@@ -662,7 +710,8 @@ def freeze_embeddings(student: nn.Module, args: Namespace) -> None:
         for name in learned:
             student.get_parameter(name).requires_grad_(False)
         logger.info(f"Freezing the student's position embeddings: {learned}" if learned else
-                    "--freeze_pos_embs: the student has no learned position embeddings (rotary?); nothing to freeze")
+                    f"--freeze_pos_embs: the student ({student.config.model_type}) has no learned position embeddings "
+                    "(its positions are rotary, relative, ALiBi or implicit); nothing to freeze")
     if args.freeze_token_type_embds:
         logger.info("Freezing the student's token type embeddings")
         student.roberta.embeddings.token_type_embeddings.weight.requires_grad_(False)
@@ -678,22 +727,30 @@ def build_evaluator(args: Namespace, teacher: nn.Module | None, vocab_size: int)
     return Evaluator(batches, args.mlm, teacher, args.device, args.loss_chunk_size)
 
 
-def check_compatibility(student: nn.Module, teacher_config: PretrainedConfig, counts: Sequence[int] | None) -> None:
+def check_compatibility(
+    student: nn.Module, teacher: nn.Module | None, teacher_config: PretrainedConfig, counts: Sequence[int] | None
+) -> None:
     """Student and teacher must agree on vocabulary and positions; the counts on the vocabulary.
 
+    Both facts are read from the models (`vocabulary_size`, `position_limit`: the rows of their embeddings),
+    the configs being only the default (a teacher loaded without weights, a family with no position table);
+    a limit neither model states (ALiBi, state-space models) is not compared.
     [+] The hidden sizes may differ: the cosine loss then goes through a learned projection (losses.py).
     """
-    for what, attribute in (("vocabulary size", "vocab_size"), ("maximum positions", "max_position_embeddings")):
-        s_value, t_value = getattr(student.config, attribute), getattr(teacher_config, attribute)
-        if s_value != t_value:
+    facts = (("vocabulary size", vocabulary_size), ("maximum positions", position_limit))
+    for what, fact in facts:
+        s_value, t_value = fact(student, student.config), fact(teacher, teacher_config)
+        if None not in (s_value, t_value) and s_value != t_value:
             raise UserError(
-                f"the student ({s_value}, --student_config) and the teacher ({t_value}, --teacher_name) differ in "
-                f"{what}; use a student config that matches the teacher"
+                f"the student ({student.config.model_type}: {s_value}, --student_config) and the teacher "
+                f"({teacher_config.model_type}: {t_value}, --teacher_name) differ in {what}; use a student config that "
+                "matches the teacher"
             )
-    if counts is not None and len(counts) != student.config.vocab_size:
+    vocab_size = vocabulary_size(student, student.config)
+    if counts is not None and len(counts) != vocab_size:
         raise UserError(
-            f"--token_counts has {len(counts)} entries but the vocabulary has {student.config.vocab_size}; "
-            f"recount with scripts/token_counts.py --vocab_size {student.config.vocab_size}"
+            f"--token_counts has {len(counts)} entries but the vocabulary has {vocab_size}; "
+            f"recount with scripts/token_counts.py --vocab_size {vocab_size}"
         )
 
 
@@ -773,15 +830,15 @@ def run(args: Namespace) -> None:
         if not needs_teacher:
             logger.info("No teacher term (--alpha_ce/mse/cos all 0): the teacher is not loaded, only its config")
         teacher, teacher_config = load_teacher(args, with_weights=needs_teacher)
-        args.max_model_input_size = max_model_input_size(args, tokenizer, teacher_config)
+        args.max_model_input_size = max_model_input_size(args, tokenizer, teacher, teacher_config)
         logger.info(f"Maximum model input size: {args.max_model_input_size}")
 
         data = load_binarized_data(args.data_file, "--data_file")
         counts = load_token_file(load_token_counts, args.token_counts, "--token_counts") if args.mlm else None
         student = build_student(args)
         freeze_embeddings(student, args)
-        check_compatibility(student, teacher_config, counts)
-        vocab_size = student.config.vocab_size
+        check_compatibility(student, teacher, teacher_config, counts)
+        vocab_size = vocabulary_size(student, student.config)
         check_token_ids(data, vocab_size, args.data_file, "--data_file")
         dataset = LmSeqsDataset(args, data)
         del data  # the dataset holds it, or the views of it it keeps

@@ -400,8 +400,12 @@ def staged_folder(target: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_student_folder(folder: Path, lm_class: type) -> None:
-    """The student built from the written config must take the written weights exactly: no key missing or left over."""
+def check_student_folder(folder: Path, lm_class: type, layers: Sequence[int]) -> None:
+    """The student built from the written config must take the written weights exactly: no key missing or left over.
+
+    The advice names the likely cause: a first layer built differently (ModernBERT's has no attention norm)
+    when `layers` does not start with 0, else layers built from other settings than the depth.
+    """
     try:
         _, info = lm_class.from_pretrained(folder, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as err:
@@ -409,10 +413,16 @@ def check_student_folder(folder: Path, lm_class: type) -> None:
     problems = {kind: info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]}
     if problems:
         kind, keys = next(iter(problems.items()))
+        advice = (
+            "some architectures build their first layer differently: start --layers with 0"
+            if layers[0] != 0
+            else "this family builds its layers from other settings of its config than their number (shared or "
+            "grouped layers), so a shallower copy of its config does not describe the chosen layers; it cannot be "
+            "extracted with --model_type auto"
+        )
         raise ScriptError(
             f"the student built from the new config does not take the extracted weights ({kind.replace('_', ' ')}: "
-            f"{len(keys)}, e.g. {sorted(keys)[0]!r}); some architectures build their first layer differently: "
-            "start --layers with 0"
+            f"{len(keys)}, e.g. {sorted(keys)[0]!r}); {advice}"
         )
 
 
@@ -448,7 +458,7 @@ def extract_auto(args: argparse.Namespace) -> None:
         teacher.save_pretrained(staging)
         log_transfer(args.layers, teacher.state_dict())
         del teacher  # the check loads the student: hold one model at a time
-        check_student_folder(staging, lm_class)
+        check_student_folder(staging, lm_class, args.layers)
     logger.info("Saved the student (config.json and weights) to %s", target)
     if args.dump_config:
         save_config(student_config, args.dump_config)

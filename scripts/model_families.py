@@ -27,8 +27,15 @@ PADDING_OFFSET_POSITIONS = (
     "longformer", "ibert", "mpnet", "luke", "esm",
 )
 
+# Names of learned absolute position tables across families (BERT-like, GPT-2, OPT...).
+LEARNED_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
 # Config entries listing layer indices (Qwen-MoE's dense layers): renumbered to the student's indices.
 LAYER_INDEX_LISTS = ("mlp_only_layers",)
+
+# Config entries counting the modules the layers are built from (ALBERT's layer groups): when there is one per
+# layer, they follow the depth. Fewer (layers sharing weights) cannot be cut to chosen layers.
+LAYER_MODULE_COUNTS = ("num_hidden_groups",)
 
 
 def added_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int | None]:
@@ -113,6 +120,42 @@ def embeddable_positions(config: PretrainedConfig) -> int | None:
     return positions
 
 
+def position_limit(model: nn.Module | None, config: PretrainedConfig) -> int | None:
+    """How many positions the model can embed, read from what it holds.
+
+    A learned absolute position table (BERT's and RoBERTa's position_embeddings, GPT-2's wpe, OPT's
+    embed_positions) limits it to its rows, less the positions it skips: RoBERTa-style tables start after
+    the padding id (their padding_idx), OPT's after its `offset`. Without such a table (rotary, relative,
+    ALiBi or state-space positions), or without the model, the config's `embeddable_positions` is the
+    default; None when that says nothing either (BLOOM, Mamba: no limit from positions).
+    """
+    tables = [
+        module
+        for name, module in (model.named_modules() if model is not None else ())
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in LEARNED_POSITION_TABLES
+    ]
+    if not tables:
+        return embeddable_positions(config)
+    return min(table.num_embeddings - _skipped_positions(table) for table in tables)
+
+
+def _skipped_positions(table: nn.Embedding) -> int:
+    """The rows of a position table that no position id reaches: OPT's offset, RoBERTa-style padding_idx + 1."""
+    offset = getattr(table, "offset", None)
+    if isinstance(offset, int):
+        return offset
+    return 0 if table.padding_idx is None else table.padding_idx + 1
+
+
+def vocabulary_size(model: nn.Module | None, config: PretrainedConfig) -> int | None:
+    """The ids the model takes: rows of its input embeddings; the config's vocab_size without the model, or None."""
+    embeddings = model.get_input_embeddings() if model is not None else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None:
+        return weight.size(0)
+    return getattr(config, "vocab_size", None)
+
+
 def depth(config: PretrainedConfig) -> int:
     """The number of layers: `num_hidden_layers`, whatever the family calls it (`n_layer`, `n_layers`, ...)."""
     n_layers = getattr(config, "num_hidden_layers", None)
@@ -151,7 +194,8 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if not outermost:
         raise ValueError(
             f"{kind} has no nn.ModuleList of {n_layers} modules (its config's num_hidden_layers): "
-            "cannot find its layers"
+            "cannot find its layers; layers that share weights (ALBERT's, say) cannot be cut to chosen ones: "
+            "train a student of this family from random weights"
         )
     if len(outermost) > 1:
         names = ", ".join(name for name, _ in outermost)
@@ -176,6 +220,9 @@ def shallower_config(config: PretrainedConfig, layers: Sequence[int]) -> Pretrai
         A new config of the teacher's class; `config` is unchanged.
     """
     values = config.to_dict()
+    for key in LAYER_MODULE_COUNTS:
+        if values.get(key) == depth(config):
+            values[key] = len(layers)
     values[type(config).attribute_map.get("num_hidden_layers", "num_hidden_layers")] = len(layers)
     for key in PER_LAYER_LISTS:
         if values.get(key) is not None:

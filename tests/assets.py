@@ -339,3 +339,115 @@ def build_auto_teacher(kind: str, out_dir: Path, tokenizer_dir: Path, n_layers: 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     return save_seeded(lambda: AUTO_MODEL_CLASSES[kind](auto_teacher_config(kind, tokenizer, n_layers=n_layers)),
                        tokenizer, out_dir, seed)
+
+
+# ---- The family matrix: families none of the other tests use, built as a new user would try them ----
+
+# Per family: (tokenizer style, masked LM). Styles: "modernbert" ([CLS] $A [SEP]) and "roberta" (<s> $A </s>) for
+# the masked LMs, "llama" (a BOS before the text) and "qwen3" (nothing added) for the causal ones.
+MATRIX_FAMILIES = {
+    "deberta-v2": ("modernbert", True),
+    "deberta-v2-legacy": ("modernbert", True),
+    "electra": ("modernbert", True),
+    "xlm-roberta": ("roberta", True),
+    "mpnet": ("roberta", True),
+    "phi3": ("llama", False),
+    "opt": ("llama", False),
+    "bloom": ("qwen3", False),
+    "falcon": ("qwen3", False),
+    "olmo2": ("llama", False),
+    "gemma3_text": ("llama", False),
+    "mamba": ("qwen3", False),
+}
+
+
+def build_matrix_tokenizer(kind: str, out_dir: Path, corpus: list[str], vocab_size: int = 300) -> Path:
+    """The tiny tokenizer of a MATRIX_FAMILIES family, in its style."""
+    style, _ = MATRIX_FAMILIES[kind]
+    if style == "roberta":
+        return build_tokenizer("roberta", out_dir, corpus, vocab_size)
+    return build_auto_tokenizer(style, out_dir, corpus, vocab_size)
+
+
+def matrix_config(kind: str, tokenizer, n_layers: int = 4, hidden: int = 32):
+    """Config of a tiny model of a MATRIX_FAMILIES family, its special-token ids from `tokenizer`.
+
+    What each covers: DeBERTa-v2 relative attention without position table, its new head (legacy=False, whose
+    get_output_embeddings() is a layer inside the head) and its legacy one; ELECTRA's generator head, narrower
+    embeddings than hidden states; XLM-R's and MPNet's positions after the padding id (MPNet relative bias too);
+    Phi-3's fused qkv and partial rotary; OPT's projected embeddings (word_embed_proj_dim, hidden states narrower
+    than hidden_size) and offset positions; BLOOM's ALiBi (no max_position_embeddings); Falcon's multi-query
+    parallel attention; OLMo2's q/k norms after the projections; Gemma 3's sliding-window layers, scaled
+    embeddings and q/k norms; Mamba, a state-space model (no attention, no positions).
+    """
+    from transformers import (
+        BloomConfig, DebertaV2Config, ElectraConfig, FalconConfig, Gemma3TextConfig, MambaConfig, MPNetConfig,
+        Olmo2Config, OPTConfig, Phi3Config, XLMRobertaConfig,
+    )
+
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    sizes = dict(hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=2, intermediate_size=2 * hidden)
+    if kind in ("deberta-v2", "deberta-v2-legacy"):
+        return DebertaV2Config(**sizes, **ids, max_position_embeddings=MAX_LEN, relative_attention=True,
+                               position_biased_input=False, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+                               position_buckets=8, type_vocab_size=0, legacy=kind.endswith("legacy"))
+    if kind == "electra":
+        return ElectraConfig(**sizes, **ids, embedding_size=hidden // 2, max_position_embeddings=MAX_LEN)
+    if kind == "xlm-roberta":
+        return XLMRobertaConfig(**sizes, **ids, max_position_embeddings=MAX_LEN + 2, type_vocab_size=1)
+    if kind == "mpnet":
+        return MPNetConfig(**sizes, **ids, max_position_embeddings=MAX_LEN + 2)
+    if kind == "phi3":
+        return Phi3Config(**sizes, **ids, max_position_embeddings=MAX_LEN, partial_rotary_factor=0.5,
+                          original_max_position_embeddings=MAX_LEN)
+    if kind == "opt":
+        return OPTConfig(hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=2, ffn_dim=2 * hidden,
+                         word_embed_proj_dim=hidden // 2, max_position_embeddings=MAX_LEN, **ids)
+    if kind == "bloom":
+        return BloomConfig(hidden_size=hidden, n_layer=n_layers, n_head=2, **ids)
+    if kind == "falcon":
+        return FalconConfig(hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=2,
+                            max_position_embeddings=MAX_LEN, **ids)
+    if kind == "olmo2":
+        return Olmo2Config(**sizes, **ids, max_position_embeddings=MAX_LEN)
+    if kind == "gemma3_text":
+        return Gemma3TextConfig(**sizes, **ids, num_key_value_heads=1, head_dim=hidden // 2,
+                                max_position_embeddings=MAX_LEN, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * (n_layers // 2))
+    if kind == "mamba":
+        return MambaConfig(hidden_size=hidden, num_hidden_layers=n_layers, state_size=4, expand=2, conv_kernel=3,
+                           time_step_rank=4, **ids)
+    raise ValueError(f"unknown matrix family {kind!r}")
+
+
+def matrix_model_class(kind: str) -> type:
+    """The LM class of a MATRIX_FAMILIES family, written out here independently of scripts/model_families.py."""
+    import transformers
+
+    names = {
+        "deberta-v2": "DebertaV2ForMaskedLM", "deberta-v2-legacy": "DebertaV2ForMaskedLM",
+        "electra": "ElectraForMaskedLM", "xlm-roberta": "XLMRobertaForMaskedLM", "mpnet": "MPNetForMaskedLM",
+        "phi3": "Phi3ForCausalLM", "opt": "OPTForCausalLM", "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM",
+        "olmo2": "Olmo2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "mamba": "MambaForCausalLM",
+    }
+    return getattr(transformers, names[kind])
+
+
+def build_matrix_teacher(kind: str, out_dir: Path, tokenizer_dir: Path, n_layers: int = 4, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny teacher of a MATRIX_FAMILIES family with its tokenizer in `out_dir`."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    config = without_dropout(matrix_config(kind, tokenizer, n_layers=n_layers))
+    return save_seeded(lambda: matrix_model_class(kind)(config), tokenizer, out_dir, seed)
+
+
+# Settings of a student half the teacher's width, where a family's config has them (OPT keeps its
+# word_embed_proj_dim: its hidden states stay as wide as the teacher's).
+NARROW_SETTINGS = {
+    "hidden_size": 16, "intermediate_size": 32, "ffn_dim": 32, "num_attention_heads": 2, "n_head": 2,
+    "num_key_value_heads": 1, "head_dim": 8, "embedding_size": 8, "time_step_rank": 2,
+}
+
+
+def narrower_config(config_dict: dict) -> dict:
+    """A student config half as wide as `config_dict` (a teacher's, as a dict): NARROW_SETTINGS where it has them."""
+    return {**config_dict, **{key: value for key, value in NARROW_SETTINGS.items() if key in config_dict}}

@@ -451,7 +451,8 @@ def test_special_token_ids_and_max_input_size(teacher_dirs):
     params = assets.distiller_params("unused", teacher_type="roberta", max_model_input_size=None)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dirs["roberta"])
     tokenizer.model_max_length = 10**30  # hub tokenizers without a limit report a huge number
-    assert train.max_model_input_size(params, tokenizer, roberta.config) == assets.MAX_LEN
+    assert train.max_model_input_size(params, tokenizer, roberta, roberta.config) == assets.MAX_LEN
+    assert train.max_model_input_size(params, tokenizer, None, roberta.config) == assets.MAX_LEN
 
 
 @pytest.fixture
