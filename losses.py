@@ -69,7 +69,7 @@ def _flat_rows(x: Tensor, rows: Tensor) -> Tensor:
     return x.flatten(0, 1).index_select(0, rows.to(x.device, non_blocking=True))
 
 
-def _kl_distillation(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
+def kl_distillation(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
     """KL(softmax(t/T) || softmax(s/T)) summed over the vocabulary, averaged over rows, times T^2 (Hinton et al.).
 
     The teacher side is given as log-probabilities: the same value, without kl_div taking the log of
@@ -141,7 +141,7 @@ def compute_losses(
         return F.mse_loss(s_rows, t_rows, reduction="sum") / s_rows.size(0)
 
     terms = {
-        "ce": lambda: _kl_distillation(*selected_logits(), temperature),
+        "ce": lambda: kl_distillation(*selected_logits(), temperature),
         "mlm": lambda: _token_cross_entropy(s_logits, lm_labels),
         "clm": lambda: _token_cross_entropy(s_logits[:, :-1], lm_labels[:, 1:]),
         "mse": mse,

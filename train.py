@@ -88,6 +88,7 @@ from scripts.token_data import load_token_counts
 from training_state import TRAINING_STATE, load_training_state
 from utils import (
     DIST_TIMEOUT_S,
+    TEACHER_DTYPES,
     MODEL_LOAD_ERRORS,
     NonFiniteLossError,
     TrainingInterrupted,
@@ -119,7 +120,6 @@ POSITION_EMBEDDINGS = {
 }
 # How learned position embeddings are named across families (BERT-like, GPT-2, OPT...).
 LEARNED_POSITION_NAMES = ("position_embeddings.weight", "wpe.weight", "embed_positions.weight")
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Special-token roles the batches are built from: markers and padding of the dataset, mask of MLM.
 REQUIRED_ROLES = {
     True: ("cls_token", "sep_token", "pad_token", "mask_token"),  # --mlm

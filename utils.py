@@ -200,6 +200,9 @@ def _first_set(*values: int | None, default: int) -> int:
 
 DIST_TIMEOUT_S = 600  # default of train.py's --dist_timeout
 
+# --teacher_dtype of train.py and the task scripts: the type the frozen teacher's weights are held in.
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def init_gpu_params(params: Namespace) -> None:
     """Read the launcher's environment, set the rank facts on `params` and start the process group.
