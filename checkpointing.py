@@ -27,7 +27,7 @@ from training_state import (
     check_training_state,
     optimizer_state_mismatch,
 )
-from utils import TMP_PREFIX, TMP_SUFFIX, UserError, atomic_write, publish, reported_as_write_error
+from utils import TMP_PREFIX, TMP_SUFFIX, UserError, atomic_write, logger, publish, reported_as_write_error
 
 # What the exported student's generation config keeps from its model config.
 GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -76,7 +76,6 @@ class CheckpointManager:
         """Write the student's state dict as `dump_path/checkpoint_name` and its config.json (master only)."""
         if not self.is_master:
             return
-        self._discard_previous_run()
         atomic_write(self.dump_path / "config.json", self.student.config.to_json_file)
         atomic_write(self.dump_path / checkpoint_name, partial(torch.save, self.student.state_dict()))
 
@@ -92,11 +91,7 @@ class CheckpointManager:
         """
         if not self.is_master:
             return
-        if self.student.can_generate():  # the token ids only: no training-time output flags
-            self.student.generation_config = GenerationConfig(**{
-                name: getattr(self.student.config, name) for name in GENERATION_TOKEN_IDS
-                if getattr(self.student.config, name, None) is not None
-            })
+        self._set_generation_config()
         card = render_model_card(self.params, self.student, steps, last_evaluation)
         with (
             reported_as_write_error(self.dump_path),
@@ -110,8 +105,44 @@ class CheckpointManager:
             for file in Path(tmp).iterdir():
                 publish(file, self.dump_path / file.name)
 
+    def _set_generation_config(self) -> None:
+        """Give a generative student the generation config its folder gets: the token ids only, no
+        training-time output flags."""
+        if self.student.can_generate():
+            self.student.generation_config = GenerationConfig(**{
+                name: getattr(self.student.config, name) for name in GENERATION_TOKEN_IDS
+                if getattr(self.student.config, name, None) is not None
+            })
+
+    def check_export(self) -> None:
+        """Before training (master only): save the config and the tokenizer into a temporary folder, as `export`
+        will, so that what save_pretrained refuses (an invalid generation config, a tokenizer that cannot be
+        saved) stops the run before it starts, not after its last epoch.
+
+        Raises:
+            UserError: naming what save_pretrained refused.
+        """
+        if not self.is_master:
+            return
+        with tempfile.TemporaryDirectory(prefix="distillation-export-check.") as tmp:
+            try:
+                self._set_generation_config()
+                self.student.config.save_pretrained(tmp)
+                if self.student.can_generate():
+                    self.student.generation_config.save_pretrained(tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+            except OSError as err:  # the temporary folder's disk, not the export's
+                logger.warning(f"Could not try the final export before training ({err}); it is checked at the end")
+            except Exception as err:
+                reason = " ".join(str(err).split())[:300]
+                raise UserError(
+                    f"the finished student could not be saved as a model folder: {reason}; fix --student_config "
+                    "(or the teacher's tokenizer) before training"
+                ) from err
+
     def _discard_previous_run(self) -> None:
-        """Before the first save: delete the previous run that --force set aside (master only)."""
+        """After the first training state: delete the previous run that --force set aside (master only)."""
         if self.previous_run is not None:
             self.previous_run.discard()
             self.previous_run = None
@@ -152,6 +183,7 @@ class CheckpointManager:
             "rng": rng_states,  # by global rank
         }
         atomic_write(self.dump_path / TRAINING_STATE, partial(torch.save, state))
+        self._discard_previous_run()  # only now: until this run can be resumed, the previous one can come back
 
     def restore(self, state: dict) -> dict:
         """Take up a training state: weights, what the loss trains, optimizer, schedule, scaler.

@@ -237,7 +237,7 @@ def _build_dataloader(params: Namespace, dataset: "LmSeqsDataset") -> tuple[Samp
 
 
 class _StopSignals:
-    """While active, SIGTERM and SIGINT ask the training loop to stop at its next optimizer step.
+    """While active, SIGTERM, SIGHUP and SIGINT ask the training loop to stop at its next optimizer step.
 
     Preemption (SLURM, Kubernetes, torchrun stopping its workers) sends SIGTERM and waits a grace
     period before SIGKILL: the loop saves its training state at the next optimizer step and stops.
@@ -245,7 +245,7 @@ class _StopSignals:
     Handlers can only be installed from the main thread; elsewhere signals keep their behaviour.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: the terminal or the session closed
 
     def __init__(self):
         self.received = 0  # number of the last signal received; 0: none
