@@ -1,72 +1,51 @@
-"""The distillation trainer: batches, losses, optimisation, logging and checkpoints of one run.
+"""The distillation trainer: batches, masking, the step (forward, losses, backward, optimizer step) and the loop.
 
 `Distiller.train()` reads top to bottom: batch -> prepare_batch -> step (forward, losses, backward,
-optimizer step at the accumulation boundary) -> log -> checkpoint. Only the master process writes
-to `dump_path`; the other processes get a do-nothing tensorboard writer.
+optimizer step at the accumulation boundary) -> log -> checkpoint. What is logged and how is metrics.py's
+(`MetricsLogger`); which files are written and how is checkpointing.py's (`CheckpointManager`): the
+trainer decides when, and knows its position in the data.
 
-Runs survive interruptions: at every checkpoint and epoch end the master also writes
-`training_state.pth` (optimizer, schedule, scaler, counters, data position, every process's
-generator states; training_state.py), from which `Distiller(..., training_state=...)` continues
-bit for bit; SIGTERM/SIGINT stop the run at the next optimizer step with that file saved.
+Runs survive interruptions: at every checkpoint and epoch end a training state is saved too, from which
+`Distiller(..., training_state=...)` continues bit for bit; SIGTERM/SIGINT stop the run at the next
+optimizer step with that state saved.
 """
 
-import copy
 import json
 import math
 import signal
-import tempfile
 import threading
-import time
 from argparse import Namespace
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import nullcontext
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from checkpointing import CheckpointManager
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
 from losses import DEFAULT_LOSS_CHUNK_SIZE, LOSS_TERMS, PROBE_SHAPE, TEACHER_TERMS, StudentWithLoss
-from model_card import render_model_card
+from metrics import MetricsLogger, training_scalars
 from run_folder import PreviousRun
-from training_state import (
-    TRAINING_STATE,
-    TRAINING_STATE_FORMAT,
-    check_training_state,
-    optimizer_state_mismatch,
-)
 from utils import (
     IGNORE_INDEX,
-    TMP_PREFIX,
-    TMP_SUFFIX,
     NonFiniteLossError,
     TrainingInterrupted,
-    UserError,
-    atomic_write,
     get_rng_states,
     logger,
-    publish,
-    reported_as_write_error,
     set_rng_states,
 )
 
 if TYPE_CHECKING:
     from lm_seqs_dataset import LmSeqsDataset
-
-# What the exported student's generation config keeps from its model config.
-GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-
 
 # Weight decay is decided by module type: the original matched the name `LayerNorm.weight`, which
 # missed DistilBERT's sa_layer_norm/output_layer_norm/vocab_layer_norm and GPT-2's ln_*.
@@ -296,37 +275,6 @@ class _StopSignals:
         )
 
 
-def _wait_to_name_after_existing_event_files(log_dir: Path) -> None:
-    """Wait, if need be, until the clock has passed the second the newest event file in `log_dir` was made.
-
-    Readers take a run's event files in name order, and a name is `events.out.tfevents.<second>.<host>.
-    <pid>...`: the resumed run's file, whose purge step hides what the interrupted run logged after its
-    training state, must sort after the interrupted run's. Within one second the pids decide, at random.
-    """
-    seconds = [int(path.name.split(".")[3]) for path in log_dir.glob("events.out.tfevents.*")]
-    delay = max(seconds, default=0) + 1 - time.time()
-    if delay > 2:
-        logger.warning(f"the clock is behind the event files in {log_dir}: tensorboard may show stale events")
-    elif delay > 0:
-        time.sleep(delay)
-
-
-class _NullWriter:
-    """Stands in for the tensorboard SummaryWriter on non-master processes: every call does nothing."""
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        """Do nothing."""
-
-    def add_text(self, *args, **kwargs) -> None:
-        """Do nothing."""
-
-    def flush(self) -> None:
-        """Do nothing."""
-
-    def close(self) -> None:
-        """Do nothing."""
-
-
 class Distiller:
     """Distils `teacher` into `student` on `dataset`; see SPEC section 7.
 
@@ -359,8 +307,6 @@ class Distiller:
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         logger.info("Initializing Distiller")
-        self.params = copy.copy(params)  # for the model card; never written
-        self.tokenizer = tokenizer
         self.dump_path = Path(params.dump_path)
         self.is_master = params.is_master
         self.multi_gpu = params.multi_gpu
@@ -454,12 +400,16 @@ class Distiller:
         self.window_finite = torch.ones(len(self.finite_terms), dtype=torch.bool, device=self.device)
         self.grad_norm: Tensor | None = None  # total gradient norm before clipping, at the last optimizer step
         self.weights_finite = torch.ones((), dtype=torch.bool, device=self.device)  # after the last step
-        self.last_log = time.time()
-        self.n_tokens_since_log = 0
         self.window_start: dict | None = None  # resume point at the start of the current accumulation window
         self.stop_signals = _StopSignals()
         self.stop_signal = 0  # the signal every process agreed to stop on at the last optimizer step; 0: none
-        self.previous_run: PreviousRun | None = None  # set by train(): what --force set aside, until the first save
+        # Opened by `train`: building a Distiller writes nothing, so train.py can build (and check)
+        # everything before it touches --dump_path.
+        self.metrics = MetricsLogger(self.dump_path, self.is_master, self.world_size)
+        self.checkpoints = CheckpointManager(
+            params, self.raw_student, self.distillation, self.optimizer, self.scheduler, self.scaler,
+            self.batches_per_epoch, tokenizer,
+        )
         self.resumed = training_state is not None
         self.rng_to_restore: dict | None = None
         if self.resumed:
@@ -476,26 +426,6 @@ class Distiller:
             self.model = self.distillation
         # What the steps train: the DDP module (no_sync, communication hooks), or the student given, in place.
         self.student = self.model if self.multi_gpu else self.distillation.student
-
-        # Opened by `train`: building a Distiller writes nothing, so train.py can build (and check)
-        # everything before it touches --dump_path.
-        self.tensorboard = _NullWriter()
-
-    def open_tensorboard(self) -> None:
-        """Start the tensorboard log in dump_path/log/train (master only).
-
-        A resumed run hides the events the interrupted run logged after its training state: they are
-        logged again.
-        """
-        if not self.is_master:
-            return
-        logger.info("--- Initializing Tensorboard")
-        log_dir = self.dump_path / "log" / "train"
-        purge_step = None
-        if self.resumed:
-            purge_step = self.n_total_iter + 1
-            _wait_to_name_after_existing_event_files(log_dir)
-        self.tensorboard = SummaryWriter(log_dir=str(log_dir), flush_secs=60, purge_step=purge_step)
 
     def _batch_prologue(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Shared opening of both batch preparations: fp16 rounding and the attention mask."""
@@ -558,30 +488,18 @@ class Distiller:
             TrainingInterrupted: SIGTERM or SIGINT reached a process; the training state is saved.
         """
         logger.info("Starting training")
-        self.previous_run = previous_run
-        self.open_tensorboard()
-        if not self.resumed:
-            self.log_config()
+        self.checkpoints.previous_run = previous_run
+        self.start_logging()
         self.student.train()
         if self.rng_to_restore is not None:
             set_rng_states(self.rng_to_restore, self.device)  # here, so that nothing draws before the first batch
         with self.stop_signals:
             for _ in range(self.epoch, self.n_epoch):
-                logger.info(f"--- Starting epoch {self.epoch}/{self.n_epoch - 1}")
-                self.sampler.set_epoch(self.epoch)  # the order: a function of (seed, epoch), the same on every process
-                self.batches.skip = self.n_iter  # > 0 only when resuming: batches already trained on
-
-                iter_bar = tqdm(
-                    self.dataloader, desc="-Iter", disable=not self.is_master, initial=self.n_iter,
-                    total=self.batches_per_epoch,
-                )
+                iter_bar = self.start_epoch()
                 for batch in iter_bar:
-                    if self.n_total_iter % self.gradient_accumulation_steps == 0:
-                        # A save inside this window resumes from here. Taken before prepare_batch, whose
-                        # masking draws from the generators this snapshot records.
-                        self.window_start = self.resume_point()
+                    self.note_window_start()
                     input_ids, attention_mask, lm_labels = self.prepare_batch(batch)  # on the host; step copies
-                    self.n_tokens_since_log += int(attention_mask.sum())  # a host tensor: no device sync
+                    self.metrics.count_tokens(int(attention_mask.sum()))  # a host tensor: no device sync
                     self.step(input_ids=input_ids, attention_mask=attention_mask, lm_labels=lm_labels)
                     if self.n_total_iter % self.log_interval == 0:
                         self.log(iter_bar)
@@ -593,8 +511,6 @@ class Distiller:
                     if self.stop_signal:
                         raise TrainingInterrupted(self.stop_signal, self.n_total_iter, self.dump_path)
                 iter_bar.close()
-
-                logger.info(f"--- Ending epoch {self.epoch}/{self.n_epoch - 1}")
                 self.end_epoch()
                 self.save_training_state()
 
@@ -602,6 +518,28 @@ class Distiller:
         self.save_checkpoint("pytorch_model.bin")
         self.save_pretrained()
         logger.info("Training is finished")
+
+    def start_logging(self) -> None:
+        """Open the tensorboard log; a new run logs its configuration, a resumed one hides the events the
+        interrupted run logged after its training state (they are logged again)."""
+        if self.resumed:
+            self.metrics.open(purge_step=self.n_total_iter + 1)
+        else:
+            self.metrics.open()
+            self.metrics.log_config(self.params_text, self.raw_student.config.to_json_string())
+
+    def start_epoch(self) -> Iterable[tuple[Tensor, Tensor]]:
+        """Set the data up for the current epoch (from where it stopped, when resuming) and return its progress bar."""
+        logger.info(f"--- Starting epoch {self.epoch}/{self.n_epoch - 1}")
+        self.sampler.set_epoch(self.epoch)  # the order: a function of (seed, epoch), the same on every process
+        self.batches.skip = self.n_iter  # > 0 only when resuming: batches already trained on
+        return self.metrics.progress(self.dataloader, self.n_iter, self.batches_per_epoch)
+
+    def note_window_start(self) -> None:
+        """When an accumulation window opens, remember its resume point: a save inside the window resumes from
+        there. Taken before prepare_batch, whose masking draws from the generators this snapshot records."""
+        if self.n_total_iter % self.gradient_accumulation_steps == 0:
+            self.window_start = self.resume_point()
 
     def step(self, input_ids: Tensor, attention_mask: Tensor, lm_labels: Tensor) -> None:
         """Run one micro-batch: both forward passes, the losses, backward, and the optimizer step at the boundary.
@@ -720,68 +658,23 @@ class Distiller:
         """Write the tensorboard scalars of this iteration and refresh the progress bar (master only)."""
         if not self.is_master:
             return
-        tensors = self._scalar_tensors()
-        # One host read for every tensor-valued scalar of this log.
-        scalars = dict(zip(tensors, torch.stack([t.float() for t in tensors.values()]).tolist()))
-        elapsed = time.time() - self.last_log
-        scalars["learning_rate/lr"] = self.scheduler.get_last_lr()[0]
-        scalars["global/memory_usage"] = psutil.virtual_memory().used / 1_000_000  # MB used on the machine
-        scalars["global/speed"] = elapsed  # seconds since the last log
-        # [+] Real (non-padding) tokens of every process, estimated from this one's.
-        scalars["global/tokens_per_second"] = self.n_tokens_since_log * self.world_size / max(elapsed, 1e-9)
-        for tag, value in scalars.items():
-            self.tensorboard.add_scalar(tag=tag, scalar_value=value, global_step=self.n_total_iter)
-        iter_bar.set_postfix(
-            {
-                "Last_loss": f"{scalars['losses/loss']:.2f}",
-                "Avg_cum_loss": f"{scalars['losses/cum_avg_loss_epoch']:.2f}",
-            }
+        tensors = training_scalars(
+            self.raw_student, self.grad_norm, self.total_loss_epoch / self.n_iter, self.last_loss, self.last_losses
         )
-        self.last_log = time.time()
-        self.n_tokens_since_log = 0
-
-    def _scalar_tensors(self) -> dict[str, Tensor]:
-        """The [F] parameter, gradient and loss scalars as 0-dim device tensors, keyed by tensorboard tag."""
-        tensors = {}
-        for name, param in self.raw_student.named_parameters():
-            tensors[f"parameter_mean/{name}"] = param.detach().mean()
-            tensors[f"parameter_std/{name}"] = param.detach().std()
-            if param.grad is None:
-                continue
-            tensors[f"grad_mean/{name}"] = param.grad.mean()
-            tensors[f"grad_std/{name}"] = param.grad.std()
-        if self.grad_norm is not None:
-            tensors["global/grad_norm"] = self.grad_norm  # [+] before clipping, at the last optimizer step
-        tensors["losses/cum_avg_loss_epoch"] = self.total_loss_epoch / self.n_iter
-        tensors["losses/loss"] = self.last_loss
-        for term, value in self.last_losses.items():
-            tensors[f"losses/loss_{term}"] = value
-        return tensors
-
-    def log_config(self) -> None:
-        """Write the training parameters and the student config as tensorboard text at step 0 (master only)."""
-        if not self.is_master:
-            return
-        self.tensorboard.add_text("config/training", _as_markdown_code(self.params_text), 0)
-        self.tensorboard.add_text("config/student", _as_markdown_code(self.raw_student.config.to_json_string()), 0)
+        self.metrics.log_step(self.n_total_iter, tensors, self.scheduler.get_last_lr()[0], iter_bar)
 
     def end_epoch(self) -> None:
         """Save `model_epoch_{epoch}.pth`, log `epoch/loss` and reset the epoch counters."""
+        logger.info(f"--- Ending epoch {self.epoch}/{self.n_epoch - 1}")
         logger.info(f"{self.n_sequences_epoch} sequences have been trained during this epoch.")
         self.save_checkpoint(f"model_epoch_{self.epoch}.pth")
-        self.log_epoch()
+        if self.is_master:
+            self.metrics.log_epoch(self.epoch, (self.total_loss_epoch / max(self.n_iter, 1)).item())
         self.evaluate()
         self.epoch += 1
         self.n_sequences_epoch = 0
         self.n_iter = 0
         self.total_loss_epoch = torch.zeros((), device=self.device)
-
-    def log_epoch(self) -> None:
-        """Write the epoch's average loss as `epoch/loss` (master only)."""
-        if not self.is_master:
-            return
-        average = (self.total_loss_epoch / max(self.n_iter, 1)).item()
-        self.tensorboard.add_scalar(tag="epoch/loss", scalar_value=average, global_step=self.epoch)
 
     def evaluate(self) -> None:
         """Run the evaluator on the student and log its figures as `eval/<name>` (master only)."""
@@ -789,57 +682,51 @@ class Distiller:
             return
         figures = self.evaluator(self.raw_student)
         self.last_evaluation = {"iteration": self.n_total_iter, **figures}
-        for name, value in figures.items():
-            self.tensorboard.add_scalar(tag=f"eval/{name}", scalar_value=value, global_step=self.n_total_iter)
-        logger.info(f"Evaluation at iteration {self.n_total_iter}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+        self.metrics.log_evaluation(self.n_total_iter, figures)
 
     def save_checkpoint(self, checkpoint_name: str = "checkpoint.pth") -> None:
-        """Write the student's state dict as `dump_path/checkpoint_name` and its config.json (master only).
-
-        Both go through a temporary file and a rename, so a crash never leaves a half-written checkpoint.
-        """
+        """Write the student's weights as `dump_path/checkpoint_name` with its config.json (master only)."""
         self._check_weights_finite()
-        if not self.is_master:
-            return
-        self._discard_previous_run()
-        atomic_write(self.dump_path / "config.json", self.raw_student.config.to_json_file)
-        atomic_write(self.dump_path / checkpoint_name, partial(torch.save, self.raw_student.state_dict()))
+        self.checkpoints.save_checkpoint(checkpoint_name)
 
     def save_pretrained(self) -> None:
-        """Make dump_path a complete model folder (master only): the student's `save_pretrained` files
-        (config, safetensors, generation config), the tokenizer's, and a model card (README.md).
+        """Make dump_path a complete model folder with a model card (master only; see `CheckpointManager.export`)."""
+        self._check_weights_finite()
+        steps = {"optimizer_steps": self.n_optimizer_steps, "iterations": self.n_total_iter, "epochs": self.epoch}
+        self.checkpoints.export(steps, self.last_evaluation)
 
-        Written in a temporary folder first, then each file renamed into place (fsynced): a crash
-        never leaves a half-written file under a final name.
+    def save_training_state(self) -> None:
+        """Write `training_state.pth` (every process calls it: a collective; see `CheckpointManager`).
+
+        At an optimizer-step boundary it describes now. Inside an accumulation window it describes the
+        window's start (the weights and the optimizer have not moved since): a resumed run re-runs the
+        window's first micro-batches rather than storing half-accumulated gradients, which differ on every
+        process.
         """
         self._check_weights_finite()
-        if not self.is_master:
-            return
-        if self.raw_student.can_generate():  # the token ids only: no training-time output flags
-            self.raw_student.generation_config = GenerationConfig(**{
-                name: getattr(self.raw_student.config, name) for name in GENERATION_TOKEN_IDS
-                if getattr(self.raw_student.config, name, None) is not None
-            })
-        steps = {"optimizer_steps": self.n_optimizer_steps, "iterations": self.n_total_iter, "epochs": self.epoch}
-        card = render_model_card(self.params, self.raw_student, steps, self.last_evaluation)
-        with (
-            reported_as_write_error(self.dump_path),
-            tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}save_pretrained.", suffix=TMP_SUFFIX, dir=self.dump_path)
-            as tmp,
-        ):
-            self.raw_student.save_pretrained(tmp)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
-            for file in Path(tmp).iterdir():
-                publish(file, self.dump_path / file.name)
+        at_boundary = self.n_total_iter % self.gradient_accumulation_steps == 0
+        self.metrics.flush()  # the events logged so far survive a kill, as the state does
+        self.checkpoints.save_training_state(self.resume_point() if at_boundary else self.window_start)
 
-    def _discard_previous_run(self) -> None:
-        """Before the first checkpoint (every save starts with one): delete the previous run that --force set
-        aside (master only)."""
-        if self.previous_run is not None:
-            self.previous_run.discard()
-            self.previous_run = None
+    def _restore(self, state: dict) -> None:
+        """Take up a training state (checked by `CheckpointManager.restore`) and its counters and data position;
+        the generator states are set when training starts (`train`), so that nothing draws before the first batch.
+
+        Raises:
+            UserError: the state is damaged, or belongs to another number of processes, seed, data or model.
+        """
+        point = self.checkpoints.restore(state)
+        position, counters = point["position"], point["counters"]
+        self.epoch, self.n_iter = position["epoch"], position["batches_done"]
+        self.n_total_iter = counters["n_total_iter"]
+        self.n_optimizer_steps = counters["n_optimizer_steps"]
+        self.n_sequences_epoch = counters["n_sequences_epoch"]
+        self.total_loss_epoch = counters["total_loss_epoch"].to(self.device)
+        self.rng_to_restore = point["rng"]
+        logger.info(
+            f"Resuming at iteration {self.n_total_iter} (optimizer step {self.n_optimizer_steps}), epoch "
+            f"{self.epoch}, after {self.n_iter} of its {self.batches_per_epoch} batches"
+        )
 
     def resume_point(self) -> dict:
         """Where a resumed run would start if the run stopped at this optimizer-step boundary.
@@ -859,94 +746,7 @@ class Distiller:
             "rng": get_rng_states(self.device),
         }
 
-    def save_training_state(self) -> None:
-        """Write `training_state.pth` in dump_path: all a resumed run needs to continue bit for bit.
-
-        One file, written atomically by the master: the student's weights, optimizer, schedule,
-        grad scaler, counters, data position (epoch, batches done, sampler seed) and the generator
-        states of every process, gathered to the master: so every process must call it (a
-        collective). One file rather than one per process, so that it is consistent by construction.
-
-        At an optimizer-step boundary it describes now. Inside an accumulation window it describes
-        the window's start (the weights and the optimizer have not moved since): a resumed run re-runs
-        the window's first micro-batches rather than storing half-accumulated gradients, which differ
-        on every process.
-        """
-        self._check_weights_finite()
-        at_boundary = self.n_total_iter % self.gradient_accumulation_steps == 0
-        point = self.resume_point() if at_boundary else self.window_start
-        rng_states = [point["rng"]]
-        if self.multi_gpu:
-            rng_states = [None] * self.world_size
-            dist.all_gather_object(rng_states, point["rng"])
-        self._write_training_state(point, rng_states)
-        if self.multi_gpu:
-            dist.barrier()  # every process returns once the file is on disk: a launcher may stop the others next
-
-    def _write_training_state(self, point: dict, rng_states: list[dict]) -> None:
-        """Write the training state of resume point `point` (master only)."""
-        if not self.is_master:
-            return
-        state = {
-            "format": TRAINING_STATE_FORMAT,
-            "student": self.raw_student.state_dict(),
-            "loss": self.distillation.loss_state_dict(),  # what is trained besides the student (never exported)
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "position": {**point["position"], "seed": self.seed, "batches_per_epoch": self.batches_per_epoch},
-            "counters": point["counters"],
-            "rng": rng_states,  # by global rank
-        }
-        self.tensorboard.flush()  # the events logged so far survive a kill, as the state does
-        atomic_write(self.dump_path / TRAINING_STATE, partial(torch.save, state))
-
-    def _restore(self, state: dict) -> None:
-        """Take up a training state: weights, optimizer, schedule, scaler, counters, data position.
-
-        Everything is checked before use (see `check_training_state`); the generator states are set
-        when training starts (`train`), so that nothing draws from them before the first batch.
-
-        Raises:
-            UserError: the state is damaged, or belongs to another number of processes, seed, data or
-                model.
-        """
-        problem = check_training_state(
-            state, self.world_size, self.seed, self.batches_per_epoch, self.n_epoch, self.gradient_accumulation_steps
-        )
-        if problem is None:
-            try:
-                self.raw_student.load_state_dict(state["student"])
-                self.distillation.load_loss_state_dict(state.get("loss", {}))
-                self.optimizer.load_state_dict(state["optimizer"])
-                self.scheduler.load_state_dict(state["scheduler"])
-                self.scaler.load_state_dict(state["scaler"])
-            except (RuntimeError, ValueError, KeyError, TypeError) as err:
-                problem = f"it does not fit this student and optimizer ({' '.join(str(err).split())[:300]})"
-            else:
-                problem = optimizer_state_mismatch(self.optimizer)
-        if problem is not None:
-            raise UserError(
-                f"{str(self.dump_path / TRAINING_STATE)!r} cannot be resumed: {problem}; resume with the run's "
-                "launcher, flags and data, or start it again with --force"
-            )
-        position, counters = state["position"], state["counters"]
-        self.epoch, self.n_iter = position["epoch"], position["batches_done"]
-        self.n_total_iter = counters["n_total_iter"]
-        self.n_optimizer_steps = counters["n_optimizer_steps"]
-        self.n_sequences_epoch = counters["n_sequences_epoch"]
-        self.total_loss_epoch = counters["total_loss_epoch"].to(self.device)
-        self.rng_to_restore = state["rng"][self.global_rank]
-        logger.info(
-            f"Resuming at iteration {self.n_total_iter} (optimizer step {self.n_optimizer_steps}), epoch "
-            f"{self.epoch}, after {self.n_iter} of its {self.batches_per_epoch} batches"
-        )
-
     def close(self) -> None:
         """Flush and close the tensorboard writer."""
-        self.tensorboard.close()
+        self.metrics.close()
 
-
-def _as_markdown_code(text: str) -> str:
-    """Indent every line by four spaces: a markdown code block in tensorboard's text tab."""
-    return "\n".join("    " + line for line in text.splitlines())

@@ -34,6 +34,7 @@ from losses import (
     DEFAULT_LOSS_CHUNK_SIZE, PROBE_SHAPE, fusion_blocker, logit_chunks, probe_model, projection_inputs_as_logits,
 )
 from scripts.cli_flags import ArgumentParser, number, positive_int
+from scripts.file_safety import check_model_folder, check_outputs_apart
 from scripts.model_families import auto_lm_class, auto_markers, is_masked_lm, position_limit, vocabulary_size
 from scripts.token_data import TokenDataError, is_mmap_file, load_token_id_arrays, load_token_id_mmap
 from utils import (
@@ -331,6 +332,7 @@ def load_model(name_or_path: str, config_path: str | None = None) -> nn.Module:
     """
     is_file = os.path.isfile(name_or_path)
     config_source = config_path or (str(Path(name_or_path).parent) if is_file else name_or_path)
+    check_model_folder(config_source, "model folder")
     try:
         config = AutoConfig.from_pretrained(config_source)
     except MODEL_LOAD_ERRORS as err:
@@ -435,6 +437,11 @@ def load_eval_batches(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args = build_parser().parse_args(argv)
+    check_outputs_apart(
+        {"--output_json": args.output_json},
+        {flag: getattr(args, flag[2:]) for flag in (
+            "--data_file", "--student", "--student_config", "--tokenizer_name", "--teacher_name")},
+    )
     student = load_model(args.student, args.student_config)
     teacher = load_model(args.teacher_name) if args.teacher_name else None
     tokenizer = load_tokenizer(args.tokenizer_name, "--tokenizer_name")

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, ArgumentParser, number, positive_int
+from scripts.file_safety import check_outputs_apart
 from run_folder import check_force_target
 from utils import (
     TMP_PREFIX, TMP_SUFFIX, UserError, atomic_write, load_tokenizer, logger, run_command, write_json,
@@ -206,6 +207,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.hidden % args.heads:
         raise UserError(f"--heads {args.heads} must divide --hidden {args.hidden}")
     student_layer_indices(args)
+    check_outputs_apart({"--output_dir": args.output_dir}, {"--text_file": args.text_file, "--teacher_name": args.teacher_name})
     check_force_target(Path(args.output_dir).resolve(), args.force, "--output_dir", OUTPUTS)
 
 

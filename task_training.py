@@ -58,8 +58,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoConfig, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from distiller import EpochRandomSampler, _NullWriter, optimizer_groups
+from distiller import EpochRandomSampler, optimizer_groups
 from losses import kl_distillation
+from metrics import NullWriter
 from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, non_negative_float, non_negative_int, number
 from utils import (
     DIST_TIMEOUT_S,
@@ -391,7 +392,7 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.fp16)
     autocast = _autocast(args)
-    tensorboard = SummaryWriter(log_dir=str(Path(args.output_dir) / LOG_DIR)) if args.is_master else _NullWriter()
+    tensorboard = SummaryWriter(log_dir=str(Path(args.output_dir) / LOG_DIR)) if args.is_master else NullWriter()
 
     logger.info(f"***** Running training: {len(dataset)} features, {n_epochs} epoch(s), {total_steps} optimizer "
                 f"steps, batch {args.per_gpu_train_batch_size} per process x {args.world_size} process(es) x "

@@ -89,6 +89,7 @@ from scripts.cli_flags import (
     non_negative_int,
     out_of_range,
 )
+from scripts.file_safety import check_model_folder, check_outputs_apart
 from scripts.model_families import auto_markers, position_limit, vocabulary_size
 from scripts.token_data import load_token_counts
 from training_state import TRAINING_STATE, load_training_state
@@ -381,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The flags naming files a run reads: --dump_path may neither be, hold nor lie inside any of them.
+INPUT_FLAGS = (
+    "--data_file", "--token_counts", "--student_config", "--student_pretrained_weights", "--teacher_name",
+    "--eval_data_file",
+)
+
+
 def sanity_checks(args: Namespace) -> None:
     """Refuse inconsistent flags and missing input files before anything runs.
 
@@ -458,6 +466,7 @@ def sanity_checks(args: Namespace) -> None:
         raise UserError("--fp16 and --bf16 are exclusive: pick one")
     if args.resume and args.force:
         raise UserError("--resume continues the run in --dump_path and --force deletes it: pass only one of them")
+    check_outputs_apart({"--dump_path": args.dump_path}, {flag: getattr(args, flag[2:]) for flag in INPUT_FLAGS})
 
 
 def check_resume(args: Namespace) -> None:
@@ -569,6 +578,7 @@ def load_teacher(args: Namespace, with_weights: bool) -> tuple[nn.Module | None,
     Without weights only the config is read: a run with no teacher term never runs the teacher.
     """
     config_class, model_class = model_classes(args.teacher_type, args.mlm)
+    check_model_folder(args.teacher_name, "--teacher_name")
     dtype = {} if args.teacher_dtype is None else {"dtype": TEACHER_DTYPES[args.teacher_dtype]}
     try:
         if not with_weights:
@@ -634,6 +644,7 @@ def build_student(args: Namespace) -> nn.Module:
             logger.info("Student initialised at random from its config")
             return build(config)
         logger.info(f"Loading the student's initial weights from {weights}")
+        check_model_folder(weights, "--student_pretrained_weights")
         if os.path.isdir(weights):  # trained in float32 whatever type the folder stores
             with _without_load_report():  # the table transformers logs; the problems are reported below, in a line
                 student, info = model_class.from_pretrained(

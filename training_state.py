@@ -1,5 +1,5 @@
 """The training state: what a run saves beside its [F] checkpoints so that `--resume` continues it bit for bit
-(`Distiller.save_training_state` writes it, `Distiller._restore` takes it up), and the checks that a state
+(checkpointing.py's `CheckpointManager` writes and takes it up), and the checks that a state
 read back is whole and belongs to this run before anything of it is used.
 
 `training_state.pth` holds the student's weights, what the loss trains besides them (a narrower student's
@@ -20,7 +20,7 @@ TRAINING_STATE_FORMAT = 1
 
 
 def load_training_state(dump_path: str | Path) -> dict:
-    """Read `dump_path/training_state.pth` as `Distiller.save_training_state` wrote it.
+    """Read `dump_path/training_state.pth` as `CheckpointManager.save_training_state` wrote it.
 
     Loaded with weights_only=True: tensors and plain containers only, nothing in the file can run.
 
@@ -43,7 +43,7 @@ def load_training_state(dump_path: str | Path) -> dict:
     return state
 
 
-# What a training state holds, key by key, with the type of each value (see `_write_training_state`).
+# What a training state holds, key by key, with the type of each value (see `CheckpointManager._write_training_state`).
 _STATE_LAYOUT = {
     "student": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "position": dict, "counters": dict,
     "rng": list,

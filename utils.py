@@ -1,18 +1,15 @@
-"""Shared leaf helpers: logging, the error types, process-group set-up, seeding and RNG states, git
-provenance, atomic writes."""
+"""Shared helpers: logging, the error types, process-group set-up, seeding and RNG states, git
+provenance; the error types and atomic writes come from scripts/file_safety.py (standard library only)."""
 
 import json
 import logging
 import os
 import pickle
 import random
-import shutil
 import signal
 import sys
-import tempfile
 from argparse import Namespace
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,6 +18,11 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
+
+from scripts.file_safety import (  # noqa: F401  (re-exported: the writes of the training code go through here)
+    TMP_PREFIX, TMP_SUFFIX, UserError, WriteError, atomic_write, check_model_folder, publish, remove_stale_temporaries,
+    reported_write as reported_as_write_error,
+)
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s"
 LOG_DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
@@ -45,16 +47,12 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     }
 
 
-class UserError(Exception):
-    """A problem with the user's flags, files or models: reported as one line, exit status 1."""
-
-
 def run_command(main: Callable[[], object]) -> None:
     """Entry point of a command: set up logging, run `main`, turn a UserError into one `error:` line and exit 1."""
     setup_logging()
     try:
         main()
-    except UserError as err:
+    except UserError as err:  # WriteError and file_safety's refusals included
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(1)
 
@@ -71,6 +69,7 @@ def load_tokenizer(name: str, flag: str):
     """The tokenizer that `name` (a folder or a hub name, given as `flag`) holds, or one line saying why not."""
     from transformers import AutoTokenizer  # here: quickstart.py imports this module long before transformers
 
+    check_model_folder(name, flag)
     try:
         return AutoTokenizer.from_pretrained(name)
     except MODEL_LOAD_ERRORS as err:
@@ -149,99 +148,6 @@ class TrainingInterrupted(Exception):
             f"{str(dump_path)!r}: run the same command with --resume (and without --force) to continue"
         )
         self.exit_status = 128 + signum
-
-
-class WriteError(UserError, OSError):
-    """An output file could not be written (disk full, unwritable folder); the previous file is intact.
-
-    A UserError, so that entry points report it as one line; an OSError, because that is what it is.
-    """
-
-
-# Temporary names of atomic writes: `.<name>.<random>.tmp` beside the target (files or folders).
-TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
-
-
-def _new_file_mode() -> int:
-    """The mode a file created with open() gets under the current umask (mkstemp makes files owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: Path, target: Path) -> None:
-    """Rename the finished file `tmp` to `target` durably: fsync the file, rename, fsync the folder.
-
-    Without the first fsync a power cut can leave `target` renamed but empty; without the second,
-    the rename itself may be lost. `target` gets the mode open() would give it (temporary files are
-    often owner-only).
-    """
-    tmp.chmod(_new_file_mode())
-    _fsync(tmp)
-    os.replace(tmp, target)
-    _fsync(target.parent)
-
-
-@contextmanager
-def reported_as_write_error(target: Path) -> Iterator[None]:
-    """Turn a failed write inside the block into a one-line WriteError naming `target`.
-
-    A write fails as an OSError (full disk, unwritable folder, a file where a folder should be), or, from
-    torch.save and safetensors, as a RuntimeError or a safetensors error carrying the OSError's text.
-    """
-    try:
-        yield
-    except WriteError:
-        raise
-    except OSError as err:
-        raise WriteError(f"could not write {str(target)!r}: {err.strerror or err}") from err
-    except (RuntimeError, SafetensorError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WriteError(f"could not write {str(target)!r} (is the disk full?): {reason}") from err
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it to `path` (fsynced).
-
-    A crash, a kill or an error inside `write` leaves any previous file at `path` untouched and no
-    partial file at `path` (a kill may leave the temporary, which `remove_stale_temporaries` deletes).
-
-    Raises:
-        WriteError: when the write fails (disk full, unwritable folder), naming `path`.
-    """
-    target = Path(path)
-    with reported_as_write_error(target):
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            write(tmp)
-            publish(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Delete what interrupted atomic writes left in `folder` (`.*.tmp` files and folders); return their names."""
-    removed = []
-    for path in Path(folder).iterdir():
-        if not (path.name.startswith(TMP_PREFIX) and path.name.endswith(TMP_SUFFIX)):
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-        removed.append(path.name)
-    return sorted(removed)
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:

@@ -48,6 +48,7 @@ from cli_flags import ArgumentParser, non_negative_int, positive_int
 from cli_utils import (
     HUB_OFFLINE_HINT, ScriptError, atomic_output, atomic_outputs, bounded_map, check_output_path, run_cli,
 )
+from file_safety import bounded_lines, check_outputs_apart, has_text
 from token_data import MMAP_SUFFIX, dump_token_id_arrays, mmap_files
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ MARKER_ROLES = {
 
 # Python decodes undecodable bytes to these lone surrogates under errors="surrogateescape";
 # valid UTF-8 never produces them.
+# A longer line is refused, not held in memory (a file without line breaks): split such text into lines.
+MAX_LINE_CHARS = 64 << 20
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 # What --format writes after `{dump_file}.{tokenizer name}`.
@@ -135,13 +138,13 @@ def check_paths(args: argparse.Namespace) -> None:
         raise ScriptError(f"--file_path {args.file_path!r} is empty")
     if not has_text(source):
         raise ScriptError(f"--file_path {args.file_path!r} has no non-blank line")
-    check_output_path("--dump_file", output_path(args.dump_file, args.tokenizer_name, args.format))
-
-
-def has_text(path: Path) -> bool:
-    """Whether the file has a non-blank line; reads only up to the first one."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-        return any(line.strip() for line in handle)
+    target = output_path(args.dump_file, args.tokenizer_name, args.format)
+    outputs = mmap_files(target).values() if args.format == "mmap" else [target]
+    check_outputs_apart(
+        [("--dump_file", output) for output in outputs],
+        {"--file_path": args.file_path, "--tokenizer_name": args.tokenizer_name},
+    )
+    check_output_path("--dump_file", target)
 
 
 class LineEncoder:
@@ -200,8 +203,9 @@ class LineChunks:
         # Text mode, as the original: \n, \r\n and \r all end a line. Strict decoding checks the
         # text at no cost; only a file that fails is read again, to find the line.
         with open(self.path, encoding="utf-8") as handle:
+            lines_read = bounded_lines(handle, MAX_LINE_CHARS, f"--file_path {str(self.path)!r}")
             try:
-                while raw := list(islice(handle, self.chunk_size)):
+                while raw := list(islice(lines_read, self.chunk_size)):
                     self.n_lines += len(raw)
                     self.bytes_read = handle.buffer.tell()
                     lines = [line for line in map(str.strip, raw) if line]

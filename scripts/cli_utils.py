@@ -15,13 +15,14 @@ from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from pathlib import Path
 
+from file_safety import UserError, reported_write, temporary_beside
 from token_data import TokenDataError
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s"
 LOG_DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
 
 
-class ScriptError(Exception):
+class ScriptError(UserError):
     """A problem with the user's input: printed as one line, exit status 1."""
 
 
@@ -30,23 +31,17 @@ HUB_OFFLINE_HINT = "on a machine without network, HF_HUB_OFFLINE=1 makes this fa
 
 
 def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a script's `main` with logging set up; a ScriptError or TokenDataError becomes `error: ...` and exit 1."""
+    """Run a script's `main` with logging set up; a UserError (ScriptError...) or TokenDataError becomes `error: ...` and exit 1."""
     logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, level=logging.INFO)
     try:
         main(argv)
-    except (ScriptError, TokenDataError) as err:
+    except (UserError, TokenDataError) as err:  # ScriptError, WriteError and file_safety's refusals
+
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-
-
-def _new_file_mode() -> int:
-    """The mode a file created with open() gets under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def check_output_path(flag: str, path: str | os.PathLike, create_folders: bool = False) -> None:
@@ -84,37 +79,27 @@ def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     """Yield a temporary path beside each of `paths`; they replace `paths`, all together, only if the block completes.
 
     Every temporary file is on disk before the first is renamed, so a full disk leaves either all the
-    new files or all the previous ones, never a mix, and no partial or temporary file. Any OSError
-    (a full disk, a folder not writable) becomes one ScriptError naming the file.
+    new files or all the previous ones, never a mix, and no partial or temporary file. A failed write
+    (a full disk, a folder not writable) becomes one WriteError naming the file (file_safety.reported_write).
     """
     targets, tmps = [Path(path) for path in paths], []
-    current = targets[0]  # the file an error is about
     try:
-        for current in targets:
-            if not current.parent.is_dir():
-                raise ScriptError(f"output folder {str(current.parent)!r} does not exist")
-            tmps.append(_temporary_beside(current))
-        current = targets[0]
-        yield tmps
-        for current, tmp in zip(targets, tmps):
-            with open(tmp, "rb+") as handle:
+        for target in targets:
+            with reported_write(target):
+                if not target.parent.is_dir():
+                    raise ScriptError(f"output folder {str(target.parent)!r} does not exist")
+                tmps.append(temporary_beside(target))
+        with reported_write(targets[0]):
+            yield tmps
+        for target, tmp in zip(targets, tmps):
+            with reported_write(target), open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
-        for current, tmp in zip(targets, tmps):
-            os.replace(tmp, current)
-    except OSError as err:
-        raise ScriptError(f"could not write {str(current)!r}: {err.strerror or err}") from err
+        for target, tmp in zip(targets, tmps):
+            with reported_write(target):
+                os.replace(tmp, target)
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
-
-
-def _temporary_beside(target: Path) -> Path:
-    """A new empty file in the folder of `target`, with the mode open() would give it."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.chmod(_new_file_mode())  # mkstemp makes it owner-only
-    return tmp
 
 
 def bounded_map(executor: Executor, fn: Callable, items: Iterable, depth: int) -> Iterator:

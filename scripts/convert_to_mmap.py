@@ -21,7 +21,8 @@ import numpy as np
 from binarized_data import mmap_output
 from cli_flags import ArgumentParser
 from cli_utils import ScriptError, check_output_path, run_cli
-from token_data import MMAP_SUFFIX, is_mmap_file, load_token_id_arrays
+from file_safety import check_outputs_apart
+from token_data import MMAP_SUFFIX, is_mmap_file, load_token_id_arrays, mmap_files
 
 logger = logging.getLogger("convert_to_mmap")
 
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ScriptError(f"--mmap_file {str(target)!r} must end with {MMAP_SUFFIX} (how train.py tells the format)")
     if is_mmap_file(args.data_file):
         raise ScriptError(f"--data_file {args.data_file!r} is already in the memory-mapped format")
+    check_outputs_apart([("--mmap_file", path) for path in mmap_files(target).values()], {"--data_file": args.data_file})
     check_output_path("--mmap_file", target)
     logger.info("Loading %s", args.data_file)
     sequences = load_token_id_arrays(args.data_file)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from cli_flags import ArgumentParser, non_negative_int
 from cli_utils import HUB_OFFLINE_HINT, ScriptError, atomic_output, check_output_path
+from file_safety import check_model_folder, check_outputs_apart, reported_write
 from model_families import auto_lm_class, depth, find_layer_stack, shallower_config
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -282,16 +283,11 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str) -> None:
     """Write `state` atomically: safetensors for a `.safetensors` name, torch.save otherwise."""
     target = Path(path)
     make_folder(target.parent, "--dump_checkpoint", path)
-    with atomic_output(target) as tmp:
-        try:
-            if target.suffix == ".safetensors":
-                save_file(state, tmp, metadata={"format": "pt"})
-            else:
-                torch.save(state, tmp)
-        # A full disk is a RuntimeError from torch.save and a SafetensorError from save_file, not an OSError.
-        except (RuntimeError, SafetensorError) as err:
-            detail = str(err).strip().splitlines()[-1].rsplit("] ", 1)[-1] if str(err).strip() else type(err).__name__
-            raise ScriptError(f"could not write {path!r}, is the disk full? ({detail.strip(' .')})") from err
+    with atomic_output(target) as tmp:  # a full disk is a RuntimeError or a SafetensorError: a WriteError too
+        if target.suffix == ".safetensors":
+            save_file(state, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(state, tmp)
 
 
 def save_config(config: PretrainedConfig, path: str) -> None:
@@ -311,7 +307,12 @@ def log_transfer(layers: Sequence[int], state: Mapping[str, torch.Tensor]) -> No
 
 
 def check_output_paths(args: argparse.Namespace, checkpoint_file: str | Path) -> None:
-    """Refuse, before the teacher is loaded, outputs that cannot be written (see cli_utils.check_output_path)."""
+    """Refuse, before the teacher is loaded, outputs that cannot be written (see cli_utils.check_output_path)
+    or that would replace the teacher, and a teacher folder of the wrong shape."""
+    check_outputs_apart(
+        {"--dump_checkpoint": args.dump_checkpoint, "--dump_config": args.dump_config}, {"--model_name": args.model_name}
+    )
+    check_model_folder(args.model_name, "--model_name")
     check_output_path("--dump_checkpoint", checkpoint_file, create_folders=True)
     if args.dump_config:
         check_output_path("--dump_config", args.dump_config, create_folders=True)
@@ -375,29 +376,29 @@ def staged_folder(target: Path) -> Iterator[Path]:
     read them instead of the new ones, and deleting the user's files is not ours to do, so that is an error.
     """
     make_folder(target.parent, "--dump_checkpoint", str(target))
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield staging
-        written = {path.name for path in staging.iterdir()}
-        stale = sorted(
-            path.name
-            for pattern in _WEIGHT_FILE_PATTERNS
-            for path in (target.glob(pattern) if target.is_dir() else [])
-            if path.name not in written
-        )
-        if stale:
-            raise ScriptError(
-                f"--dump_checkpoint {str(target)!r} holds weights this extraction would not replace "
-                f"({', '.join(stale)}), which from_pretrained could load instead: choose another folder or remove them"
+    with reported_write(target):  # a full disk or a read-only folder, at any point
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            yield staging
+            written = {path.name for path in staging.iterdir()}
+            stale = sorted(
+                path.name
+                for pattern in _WEIGHT_FILE_PATTERNS
+                for path in (target.glob(pattern) if target.is_dir() else [])
+                if path.name not in written
             )
-        make_folder(target, "--dump_checkpoint", str(target))
-        # Configs last: a folder whose config is new has its new weights.
-        for name in sorted(written, key=lambda name: name.endswith(".json")):
-            os.replace(staging / name, target / name)
-    except OSError as err:
-        raise ScriptError(f"could not write {str(target)!r}: {err.strerror or err}") from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            if stale:
+                raise ScriptError(
+                    f"--dump_checkpoint {str(target)!r} holds weights this extraction would not replace "
+                    f"({', '.join(stale)}), which from_pretrained could load instead: choose another folder or remove "
+                    "them"
+                )
+            make_folder(target, "--dump_checkpoint", str(target))
+            # Configs last: a folder whose config is new has its new weights.
+            for name in sorted(written, key=lambda name: name.endswith(".json")):
+                os.replace(staging / name, target / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_student_folder(folder: Path, lm_class: type, layers: Sequence[int]) -> None:

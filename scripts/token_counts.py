@@ -26,7 +26,8 @@ import numpy as np
 
 from cli_flags import ArgumentParser, positive_int
 from cli_utils import ScriptError, atomic_output, bounded_map, check_output_path, run_cli
-from token_data import is_mmap_file, load_token_id_arrays, load_token_id_mmap
+from file_safety import check_fits_in_memory, check_outputs_apart
+from token_data import is_mmap_file, load_token_id_arrays, load_token_id_mmap, mmap_files
 
 logger = logging.getLogger("token_counts")
 
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Length of the counts list: the tokenizer's vocabulary size."
     )
     return parser
+
+
+# Memory per vocabulary entry while counting: the int64 bincount, the list's pointer and its int object.
+BYTES_PER_COUNT = 8 + 8 + 32
 
 
 def count_tokens(sequences: Sequence[np.ndarray], vocab_size: int) -> list[int]:
@@ -163,7 +168,13 @@ def _check_ids(ids: np.ndarray, vocab_size: int, largest: Callable[[], int]) -> 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     target = Path(args.token_counts_dump)
+    inputs = mmap_files(args.data_file).values() if is_mmap_file(args.data_file) else [args.data_file]
+    check_outputs_apart({"--token_counts_dump": target}, [("--data_file", path) for path in inputs])
     check_output_path("--token_counts_dump", target)
+    check_fits_in_memory(
+        args.vocab_size * BYTES_PER_COUNT, f"--vocab_size {args.vocab_size}",
+        "pass the tokenizer's vocabulary size (len(tokenizer))",
+    )
     logger.info("Loading binarized data from %s", args.data_file)
     if is_mmap_file(args.data_file):
         ids = load_token_id_mmap(args.data_file).ids

@@ -77,7 +77,7 @@ WINDOWS = 3  # accumulation windows of two micro-batches trained before the NaN 
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     distiller = build_distiller(out_dir / "dump", gradient_accumulation_steps=2)
-    distiller.open_tensorboard()  # what train() does first: only the master may create a log
+    distiller.start_logging()  # what train() does first: only the master may create a log
     rank = dist.get_rank()
 
     all_reduces = []

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import checkpointing
 import distiller
 import train
 
@@ -37,7 +38,7 @@ def signal_after_iteration(signum: int, iteration: int) -> None:
 
 def pause_in_write(name: str, occurrence: int) -> None:
     """Make the `occurrence`-th atomic write of `name` stop halfway and wait to be killed."""
-    original_write = distiller.atomic_write
+    original_write = checkpointing.atomic_write
     seen = []
 
     def atomic_write(path, write):
@@ -54,7 +55,7 @@ def pause_in_write(name: str, occurrence: int) -> None:
                 return original_write(path, half_write)
         return original_write(path, write)
 
-    distiller.atomic_write = atomic_write
+    checkpointing.atomic_write = atomic_write
 
 
 def install(fault: str) -> None:

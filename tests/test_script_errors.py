@@ -172,7 +172,7 @@ DAMAGED_TEACHERS = {  # what the error line must say
     "truncated_safetensors": "damaged or truncated safetensors file",
     "empty_safetensors": "damaged or truncated safetensors file",
     "config_not_json": "is not a valid JSON file",
-    "config_not_an_object": "cannot load the teacher's config",
+    "config_not_an_object": "config.json holds a list, not a JSON object",
     "unsafe_weights": "refused by safe loading, the file holds more than tensors",
 }
 UNREACHABLE_HUB_NAMES = {  # a name the hub would have to serve, with HF_HUB_OFFLINE=1 in the child

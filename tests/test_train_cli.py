@@ -305,7 +305,7 @@ def test_force_refuses_to_delete_the_inputs(family_inputs, tmp_path, capsys):
                                                                  "--n_gpu": "0"})
     status, stderr = run_main(argv, capsys)
     assert status == 1
-    assert_one_line_error(stderr, "--force would delete")
+    assert_one_line_error(stderr, "holds --data_file")
     assert data_copy.exists()
 
 
