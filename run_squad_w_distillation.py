@@ -36,6 +36,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTraine
 
 import task_training
 from scripts.cli_flags import ArgumentParser, HelpFormatter, non_negative_float, number
+from scripts.file_safety import check_model_folder, check_outputs_apart
 from squad_data import SquadExample, SquadFeatures, load_or_build_features, read_squad_examples, squad_file
 from squad_metrics import squad_v1_scores, squad_v2_scores
 from squad_predictions import compute_predictions, write_prediction_files
@@ -45,6 +46,7 @@ from utils import MODEL_LOAD_ERRORS, UserError, load_failure, logger, write_json
 # The original's families. XLNet's and XLM's plain span heads (...ForQuestionAnsweringSimple) stand in for their
 # beam-search heads, whose outputs the original unpacked wrongly.
 MODEL_TYPES = ("bert", "distilbert", "roberta", "xlnet", "xlm", AUTO)
+MODEL_FLAGS = ("--model_name_or_path", "--teacher_name_or_path", "--config_name", "--tokenizer_name")
 # Families that read segment ids without a table sized by type_vocab_size (XLNet's relative segments).
 SEGMENTS_WITHOUT_TABLE = ("xlnet",)
 
@@ -90,6 +92,7 @@ def load_squad_tokenizer(args: Namespace) -> PreTrainedTokenizerBase:
     name = args.tokenizer_name or args.model_name_or_path
     flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
     options = {"do_lower_case": True} if args.do_lower_case else {}
+    check_model_folder(name, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=args.cache_dir or None, **options)
     except MODEL_LOAD_ERRORS as err:
@@ -184,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     train_file = squad_file(args.data_dir, args.train_file, True, args.version_2_with_negative) if args.do_train else None
     predict_file = (squad_file(args.data_dir, args.predict_file, False, args.version_2_with_negative)
                     if args.do_eval else None)
+    if args.do_train:  # the trained model replaces the files of a model folder in --output_dir
+        inputs = {flag: getattr(args, flag[2:]) or None for flag in MODEL_FLAGS}
+        check_outputs_apart({"--output_dir": args.output_dir},
+                            {**inputs, "--train_file": train_file, "--predict_file": predict_file})
     task_training.setup_run(args)
     train_examples = read_squad_examples(train_file, True, args.version_2_with_negative) if train_file else None
     eval_examples = read_squad_examples(predict_file, False, args.version_2_with_negative) if predict_file else None

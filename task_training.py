@@ -70,6 +70,7 @@ from utils import (
     TMP_SUFFIX,
     NonFiniteLossError,
     UserError,
+    check_model_folder,
     init_gpu_params,
     load_failure,
     logger,
@@ -198,8 +199,12 @@ def load_task_model(
         config_overrides: config fields to set (e.g. num_labels).
 
     Raises:
-        UserError: it cannot be loaded, or its config is of another family than `model_type`.
+        UserError: its folder's files are damaged, it cannot be loaded, or its config is of another family than
+            `model_type`.
     """
+    check_model_folder(name_or_path, flag)
+    if config_name:
+        check_model_folder(config_name, "--config_name")
     try:
         config = AutoConfig.from_pretrained(config_name or name_or_path, cache_dir=cache_dir or None, **config_overrides)
     except MODEL_LOAD_ERRORS as err:

@@ -325,3 +325,49 @@ def test_predictions_rank_valid_spans_and_apply_the_null_threshold():
     assert null_odds == {"q": pytest.approx(20.0 - 9.0)} and predictions == {"q": ""}
     assert nbest["q"][0]["text"] == ""
     assert predict(2, version_2=True, threshold=12.0, start=confident_null)[0] == {"q": "cc dd"}
+
+
+def test_training_into_the_student_folder_is_refused(squad_setup, capsys):
+    student = squad_setup["student"]
+    before = sorted(path.name for path in student.iterdir())
+    status, stderr = run_in_process(
+        ["--model_type", "distilbert", "--model_name_or_path", str(student), "--output_dir", str(student),
+         "--do_train", "--overwrite_output_dir", "--data_dir", str(squad_setup["data"]), *SMALL], capsys)
+    assert status == 1 and "is the same path as --model_name_or_path" in stderr
+    assert sorted(path.name for path in student.iterdir()) == before
+
+
+@pytest.mark.family_matrix
+@pytest.mark.parametrize("family", ["xlnet", "xlm"])
+def test_xlnet_and_xlm_students_distil_from_a_bert_teacher(family, squad_setup, tmp_path, capsys):
+    from transformers import XLMConfig, XLMForQuestionAnsweringSimple, XLNetConfig, XLNetForQuestionAnsweringSimple
+
+    tokenizer = AutoTokenizer.from_pretrained(squad_setup["teacher"])
+    if family == "xlnet":
+        make = lambda: XLNetForQuestionAnsweringSimple(XLNetConfig(  # noqa: E731
+            vocab_size=len(tokenizer), d_model=32, n_layer=2, n_head=2, d_inner=64, pad_token_id=0))
+    else:
+        make = lambda: XLMForQuestionAnsweringSimple(XLMConfig(  # noqa: E731
+            vocab_size=len(tokenizer), emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=64, pad_index=0))
+    student = squad_assets.assets.save_seeded(make, tokenizer, tmp_path / family, 0)
+    model = squad_cli.AutoModelForQuestionAnswering.from_pretrained(student)
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+             "token_type_ids": torch.ones(1, 4, dtype=torch.long)}
+    assert ("token_type_ids" in squad_cli.model_inputs(model, batch)) == (family == "xlnet")  # the original's rule
+    out = tmp_path / "out"
+    status, stderr = run_in_process(
+        ["--model_type", family, "--model_name_or_path", str(student), "--teacher_type", "bert",
+         "--teacher_name_or_path", str(squad_setup["teacher"]), "--output_dir", str(out), "--do_train", "--do_eval",
+         "--data_dir", str(squad_setup["data"]), "--max_steps", "2", *SMALL], capsys)
+    assert status == 0, stderr[-2000:]
+    assert json.loads((out / "eval_results.json").read_text())["total"] == 9
+
+
+def test_evaluation_alone_scores_the_given_model_when_output_dir_holds_none(squad_setup, tmp_path, capsys):
+    out = tmp_path / "scores"
+    status, stderr = run_in_process(
+        ["--model_type", "bert", "--model_name_or_path", str(squad_setup["teacher"]), "--output_dir", str(out),
+         "--do_eval", "--data_dir", str(squad_setup["data"]), *SMALL], capsys)
+    assert status == 0, stderr[-2000:]
+    assert sorted(path.name for path in out.iterdir()) == ["eval_results.json", "nbest_predictions_.json",
+                                                           "predictions_.json"]
