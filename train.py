@@ -84,7 +84,14 @@ from evaluation import Evaluator, build_eval_batches, check_token_ids, load_bina
 from lm_seqs_dataset import LmSeqsDataset
 from losses import DEFAULT_LOSS_CHUNK_SIZE
 from run_folder import RunFolderLock
-from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, ArgumentParser, non_negative_int, out_of_range
+from scripts.cli_flags import (
+    LEARNING_RATE_RANGE,
+    SEED_RANGE,
+    ArgumentParser,
+    HelpFormatter,
+    non_negative_int,
+    out_of_range,
+)
 from scripts.file_safety import check_model_folder, check_outputs_apart
 from scripts.model_families import auto_markers, position_limit, vocabulary_size
 from scripts.token_data import load_token_counts
@@ -173,10 +180,6 @@ NOT_COMPARED_ON_RESUME = ("dump_path", "force", "resume", "local_rank", *MAY_CHA
 # Starting weights must hold at least this share of the student's tensors (an extraction without
 # --vocab_transform lacks only the head's transform).
 MIN_WEIGHT_COVERAGE = 0.5
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with each flag's default, and the usage commands of the epilog as written (not re-wrapped)."""
 
 
 class ExplicitValue(argparse.Action):
