@@ -99,12 +99,6 @@ def gathered_projection(projection: nn.Module) -> nn.Module | GatheredProjection
     return GatheredProjection(full_tensor(projection.weight), bias)
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Whether the next backward passes reduce-scatter the gradients of a sharded model (off inside an
-    accumulation window: they accumulate unsharded until the micro-batch that steps)."""
-    model.set_requires_gradient_sync(enabled)
-
-
 def total_norm(tensors: Iterable[Tensor]) -> Tensor:
     """The 2-norm of all `tensors` together, over every shard of the sharded ones (a collective then)."""
     norm = torch.nn.utils.get_total_norm(list(tensors))

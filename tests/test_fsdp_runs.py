@@ -89,6 +89,17 @@ def test_a_sharded_run_exports_the_folder_of_an_unsharded_one(reference):
     assert generator("ab", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("ab")
 
 
+def test_one_process_without_a_launcher_is_a_group_of_one(fsdp_argv, tmp_path, capsys):
+    dump = tmp_path / "dump"
+    code, stderr = run_main(fsdp_argv(dump, "--n_epoch", "1"), capsys)
+    assert code == 0, stderr[-3000:]
+    state = torch.load(dump / TRAINING_STATE, weights_only=True)
+    assert len(state["rng"]) == 1 and (dump / state["shards"] / "__0_0.distcp").is_file()
+    model, info = AutoModelForCausalLM.from_pretrained(dump, output_loading_info=True)
+    assert not any(info.values()), info
+    assert not torch.distributed.is_initialized()  # the run's group is gone with it
+
+
 @pytest.mark.parametrize("flag", [["--fp16"], ["--compile"], ["--eval_data_file", "data.pickle"]])
 def test_fsdp_refuses_what_it_cannot_run_in_one_line(flag, fsdp_argv, tmp_path, capsys):
     if flag[0] == "--eval_data_file":
