@@ -262,13 +262,13 @@ def test_distillation_under_torchrun_with_two_gloo_processes(squad_setup, repo_r
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), initial.state_dict().values()))
 
 
-@pytest.mark.parametrize("case", ["malformed", "answer_not_in_context", "vocabulary"])
+@pytest.mark.parametrize("case", ["malformed", "answer_not_in_context", "vocabulary", "positions"])
 def test_bad_input_is_one_line_and_writes_nothing(case, squad_setup, tmp_path, tokenizer_dirs, capsys):
     data = tmp_path / "data"
     squad = squad_assets.make_squad(2, 0)
     teacher = squad_setup["teacher"]
     expected = {"malformed": "is not valid JSON", "answer_not_in_context": "is not in its context at answer_start",
-                "vocabulary": "vocabulary has"}[case]
+                "vocabulary": "vocabulary has", "positions": "is more than the 64 positions of the student"}[case]
     if case == "malformed":
         data.mkdir()
         (data / "train-v1.1.json").write_text(json.dumps(squad)[:-5])
@@ -282,10 +282,11 @@ def test_bad_input_is_one_line_and_writes_nothing(case, squad_setup, tmp_path, t
     squad_assets.write_squad(data / "dev-v1.1.json", squad_assets.make_squad(1, 1))
     before = sorted(path.name for path in data.iterdir())
     out = tmp_path / "out"
+    flags = ["--max_seq_length", "65"] if case == "positions" else []
     status, stderr = run_in_process(
         ["--model_type", "distilbert", "--model_name_or_path", str(squad_setup["student"]), "--teacher_type", "bert",
          "--teacher_name_or_path", str(teacher), "--output_dir", str(out), "--do_train", "--do_eval",
-         "--data_dir", str(data), *SMALL], capsys)
+         "--data_dir", str(data), *SMALL, *flags], capsys)
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert status == 1 and len(lines) == 1 and expected in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
