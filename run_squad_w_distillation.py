@@ -37,6 +37,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTraine
 import task_training
 from scripts.cli_flags import ArgumentParser, HelpFormatter, non_negative_float, number
 from scripts.file_safety import check_model_folder, check_outputs_apart
+from scripts.model_families import position_limit
 from squad_data import SquadExample, SquadFeatures, load_or_build_features, read_squad_examples, squad_file
 from squad_metrics import squad_v1_scores, squad_v2_scores
 from squad_predictions import compute_predictions, write_prediction_files
@@ -100,6 +101,13 @@ def load_squad_tokenizer(args: Namespace) -> PreTrainedTokenizerBase:
     if not tokenizer.is_fast:
         raise UserError(f"the tokenizer of {flag} {name!r} is not a fast tokenizer: its character offsets are needed")
     return tokenizer
+
+
+def check_positions(args: Namespace, model: nn.Module, what: str) -> None:
+    """Refuse a --max_seq_length past the positions `model` can embed (it would fail at the first batch)."""
+    limit = position_limit(model, model.config)
+    if limit is not None and args.max_seq_length > limit:
+        raise UserError(f"--max_seq_length {args.max_seq_length} is more than the {limit} positions of {what}; lower it")
 
 
 def teacher_tokenizer(args: Namespace) -> PreTrainedTokenizerBase | None:
@@ -202,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                                 "--model_name_or_path", config_name=args.config_name,
                                                 cache_dir=args.cache_dir)
         teacher = task_training.load_teacher(args, AutoModelForQuestionAnswering)
+        check_positions(args, student, "the student (--model_name_or_path)")
         if teacher is not None:
+            check_positions(args, teacher, "the teacher (--teacher_name_or_path)")
             task_training.check_same_vocabulary(teacher, student, teacher_tokenizer(args), tokenizer)
         features = load_or_build_features(train_file, train_examples, tokenizer, args, True, args.is_master)
         eval_features = (load_or_build_features(predict_file, eval_examples, tokenizer, args, False, args.is_master)
@@ -221,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             prefix = "" if step is None else str(step)
             model = task_training.load_task_model(AutoModelForQuestionAnswering, args.model_type, str(folder),
                                                   "the model to evaluate")
+            check_positions(args, model, f"the model to evaluate ({str(folder)!r})")
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             scores = evaluate(args, model.to(args.device), eval_examples, eval_features, prefix)
             write_json(Path(args.output_dir) / f"eval_results{prefix}.json", scores)

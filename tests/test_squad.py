@@ -262,13 +262,13 @@ def test_distillation_under_torchrun_with_two_gloo_processes(squad_setup, repo_r
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), initial.state_dict().values()))
 
 
-@pytest.mark.parametrize("case", ["malformed", "answer_not_in_context", "vocabulary"])
+@pytest.mark.parametrize("case", ["malformed", "answer_not_in_context", "vocabulary", "positions"])
 def test_bad_input_is_one_line_and_writes_nothing(case, squad_setup, tmp_path, tokenizer_dirs, capsys):
     data = tmp_path / "data"
     squad = squad_assets.make_squad(2, 0)
     teacher = squad_setup["teacher"]
     expected = {"malformed": "is not valid JSON", "answer_not_in_context": "is not in its context at answer_start",
-                "vocabulary": "vocabulary has"}[case]
+                "vocabulary": "vocabulary has", "positions": "is more than the 64 positions of the student"}[case]
     if case == "malformed":
         data.mkdir()
         (data / "train-v1.1.json").write_text(json.dumps(squad)[:-5])
@@ -282,10 +282,11 @@ def test_bad_input_is_one_line_and_writes_nothing(case, squad_setup, tmp_path, t
     squad_assets.write_squad(data / "dev-v1.1.json", squad_assets.make_squad(1, 1))
     before = sorted(path.name for path in data.iterdir())
     out = tmp_path / "out"
+    flags = ["--max_seq_length", "65"] if case == "positions" else []
     status, stderr = run_in_process(
         ["--model_type", "distilbert", "--model_name_or_path", str(squad_setup["student"]), "--teacher_type", "bert",
          "--teacher_name_or_path", str(teacher), "--output_dir", str(out), "--do_train", "--do_eval",
-         "--data_dir", str(data), *SMALL], capsys)
+         "--data_dir", str(data), *SMALL, *flags], capsys)
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert status == 1 and len(lines) == 1 and expected in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
@@ -371,3 +372,21 @@ def test_evaluation_alone_scores_the_given_model_when_output_dir_holds_none(squa
     assert status == 0, stderr[-2000:]
     assert sorted(path.name for path in out.iterdir()) == ["eval_results.json", "nbest_predictions_.json",
                                                            "predictions_.json"]
+
+
+def test_every_flag_of_the_original_keeps_its_default():
+    args = squad_cli.build_parser().parse_args(["--model_type", "bert", "--model_name_or_path", "m", "--output_dir", "o"])
+    original = {
+        "teacher_type": None, "teacher_name_or_path": None, "alpha_ce": 0.5, "alpha_squad": 0.5, "temperature": 2.0,
+        "data_dir": None, "train_file": None, "predict_file": None, "config_name": "", "tokenizer_name": "",
+        "cache_dir": "", "version_2_with_negative": False, "null_score_diff_threshold": 0.0, "max_seq_length": 384,
+        "doc_stride": 128, "max_query_length": 64, "do_train": False, "do_eval": False,
+        "evaluate_during_training": False, "do_lower_case": False, "per_gpu_train_batch_size": 8,
+        "per_gpu_eval_batch_size": 8, "learning_rate": 5e-5, "gradient_accumulation_steps": 1, "weight_decay": 0.0,
+        "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "num_train_epochs": 3.0, "max_steps": -1, "warmup_steps": 0,
+        "n_best_size": 20, "max_answer_length": 30, "verbose_logging": False, "logging_steps": 50, "save_steps": 50,
+        "eval_all_checkpoints": False, "no_cuda": False, "overwrite_output_dir": False, "overwrite_cache": False,
+        "seed": 42, "local_rank": -1, "fp16": False, "fp16_opt_level": "O1", "server_ip": "", "server_port": "",
+        "threads": 1,
+    }
+    assert {key: getattr(args, key) for key in original} == original
