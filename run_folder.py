@@ -40,7 +40,8 @@ TRAIN_RUN = "train.py"
 # from before markers is replaced only if it holds nothing else.
 RUN_FILE_PATTERNS = (
     "parameters.json", "git_log.json", "config.json", "generation_config.json", "README.md", "log",
-    "checkpoint.pth", "model_epoch_*.pth", "pytorch_model.bin", "training_state.pth", "data_fingerprint.json",
+    "checkpoint.pth", "model_epoch_*.pth", "pytorch_model.bin", "training_state.pth", "training_state.shards.*",
+    "data_fingerprint.json",
     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "*.model", "chat_template.jinja", "chat_template.json",
