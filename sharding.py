@@ -99,12 +99,6 @@ def gathered_projection(projection: nn.Module) -> nn.Module | GatheredProjection
     return GatheredProjection(full_tensor(projection.weight), bias)
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Whether the next backward passes reduce-scatter the gradients of a sharded model (off inside an
-    accumulation window: they accumulate unsharded until the micro-batch that steps)."""
-    model.set_requires_gradient_sync(enabled)
-
-
 def total_norm(tensors: Iterable[Tensor]) -> Tensor:
     """The 2-norm of all `tensors` together, over every shard of the sharded ones (a collective then)."""
     norm = torch.nn.utils.get_total_norm(list(tensors))
@@ -150,19 +144,21 @@ def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folde
     dcp.save(state, checkpoint_id=folder)
 
 
-def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, with_optimizer: bool) -> None:
-    """Read what `save_sharded_state` wrote into the sharded `model` and, when it had stepped, `optimizer` (a
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Read what `save_sharded_state` wrote into the sharded `model` and, if it was written, `optimizer` (a
     collective), whatever the number of processes that wrote it: torch.distributed.checkpoint reshards.
 
     Raises:
         ValueError: the folder is not such a checkpoint, or does not fit the model and optimizer.
     """
-    state = {"model": get_model_state_dict(model)}
-    if with_optimizer:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     try:
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        state = {"model": get_model_state_dict(model)}
+        with_optimizer = any(key.startswith("optimizer.") for key in saved)
+        if with_optimizer:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
         dcp.load(state, checkpoint_id=folder)
-    except CheckpointException as err:  # a BaseException: it would pass any `except Exception`
+    except (CheckpointException, OSError) as err:  # CheckpointException is a BaseException
         raise ValueError(f"reading {str(folder)!r} failed: {err}") from None
     set_model_state_dict(model, state["model"])
     if with_optimizer:

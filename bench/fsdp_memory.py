@@ -9,7 +9,7 @@ Each run trains a GPT-2-shaped pair with the real `Distiller` (CLM, ce + clm + c
 layers. After --steps optimizer steps every process reports the bytes it holds of the student's parameters,
 gradients and AdamW state (its shards when sharded), of the teacher's parameters, and its peak resident memory
 during the steps (VmHWM, reset once the models are built: building loads the full models on every process,
-as train.py does).
+as train.py does), with glibc returning freed memory at once (MALLOC_MMAP_THRESHOLD_).
 
 The sharded parts should take 1/N of the unsharded ones; the peak also holds what is not sharded: the
 Python process and torch (a few hundred MB), the batch's activations, and one gathered layer at a time.
@@ -96,7 +96,11 @@ def worker(args: argparse.Namespace) -> None:
 
     rng = torch.Generator().manual_seed(0)
     n_sequences = 2 * 2 * args.steps * params.world_size
-    data = [torch.randint(1, args.vocab, (64,), generator=rng).numpy() for _ in range(n_sequences)]
+    data = []  # sequences wrapped in the markers (id 0), as binarized_data.py writes them
+    for _ in range(n_sequences):
+        ids = torch.randint(1, args.vocab, (64,), generator=rng)
+        ids[0] = ids[-1] = 0
+        data.append(ids.numpy().astype("uint16"))
     distiller = Distiller(params, LmSeqsDataset(params, data), None, model(args.layers), model(2 * args.layers))
     resident_peak_reset()
     for batch in distiller.dataloader:
@@ -124,7 +128,10 @@ def launch(args: argparse.Namespace, mode: str, processes: int, out: str) -> lis
                str(Path(__file__).resolve()), "--worker", mode, "--out", out, "--layers", str(args.layers),
                "--width", str(args.width), "--vocab", str(args.vocab), "--steps", str(args.steps),
                "--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": str(args.threads)}
+    # Freed tensors go back to the system at once (glibc keeps smaller freed blocks otherwise, and the resident
+    # set would count memory no longer in use): the peak is then that of live memory.
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": str(args.threads),
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{mode} x{processes} failed:\n{result.stderr[-3000:]}")

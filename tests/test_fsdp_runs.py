@@ -4,7 +4,7 @@ The default run trains once and checks what a user gets: the same complete model
 run (it loads in `pipeline` with no missing key), and a training state whose weights and optimizer are
 sharded in one `training_state.shards.<iteration>` folder. The kill-and-resume runs are the fault matrix's
 (`-m fault_matrix`): a run killed by SIGKILL and resumed ends bit for bit where the uninterrupted one ends,
-and a two-process state resumes in one process, resharded.
+and a two-process state resumes in one process and in four, resharded.
 """
 
 import pickle
@@ -89,6 +89,17 @@ def test_a_sharded_run_exports_the_folder_of_an_unsharded_one(reference):
     assert generator("ab", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("ab")
 
 
+def test_one_process_without_a_launcher_is_a_group_of_one(fsdp_argv, tmp_path, capsys):
+    dump = tmp_path / "dump"
+    code, stderr = run_main(fsdp_argv(dump, "--n_epoch", "1"), capsys)
+    assert code == 0, stderr[-3000:]
+    state = torch.load(dump / TRAINING_STATE, weights_only=True)
+    assert len(state["rng"]) == 1 and (dump / state["shards"] / "__0_0.distcp").is_file()
+    model, info = AutoModelForCausalLM.from_pretrained(dump, output_loading_info=True)
+    assert not any(info.values()), info
+    assert not torch.distributed.is_initialized()  # the run's group is gone with it
+
+
 @pytest.mark.parametrize("flag", [["--fp16"], ["--compile"], ["--eval_data_file", "data.pickle"]])
 def test_fsdp_refuses_what_it_cannot_run_in_one_line(flag, fsdp_argv, tmp_path, capsys):
     if flag[0] == "--eval_data_file":
@@ -137,5 +148,23 @@ def test_a_two_process_sharded_state_resumes_in_one_process(fsdp_argv, reference
     # Another split of the data: close to the two-process run, not equal to it.
     assert all(torch.isfinite(value).all() for value in final.values())
     assert any(not torch.equal(final[key], value) for key, value in expected.items())
+    model, info = AutoModelForCausalLM.from_pretrained(dump, output_loading_info=True)
+    assert not any(info.values()), info
+
+
+@pytest.mark.fault_matrix
+def test_a_two_process_sharded_state_resumes_on_four(fsdp_argv, reference, repo_root, tmp_path):
+    # Killed after iteration 8: the state is the end of epoch 0 (iteration 6). Four processes have 3 batches
+    # per epoch; iteration 3 + 0 is inside a window of 2, so the run takes up at the next window, 1 batch in.
+    dump = tmp_path / "dump"
+    result = torchrun(repo_root, tmp_path, fsdp_argv(dump), fault="sigkill@8:1")
+    assert result.returncode != 0
+    result = torchrun(repo_root, tmp_path, fsdp_argv(dump, "--resume"), processes=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Resharding the training state of 2 process(es) onto 4") == 1
+    assert "Resuming at iteration 4 (optimizer step 2), epoch 1, after 1 of its 3 batches" in result.stderr
+    state = torch.load(dump / TRAINING_STATE, weights_only=True)
+    assert len(state["rng"]) == 4 and state["counters"]["n_total_iter"] == 6
+    assert len(list((dump / state["shards"]).glob("*.distcp"))) == 4
     model, info = AutoModelForCausalLM.from_pretrained(dump, output_loading_info=True)
     assert not any(info.values()), info
