@@ -108,13 +108,14 @@ def read_squad_examples(path: str, training: bool, version_2: bool) -> list[Squa
     return examples
 
 
-def _cut_question(tokenizer: PreTrainedTokenizerBase, question: str, max_query_length: int) -> str:
-    """The question cut after its first `max_query_length` tokens (at the end of the last token kept)."""
-    encoded = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoded["offset_mapping"]
+def _cut_question(tokenizer: PreTrainedTokenizerBase, question: str, max_query_length: int) -> tuple[str, int]:
+    """The question cut after its first `max_query_length` tokens (at the end of the last token kept), and its
+    number of tokens (counted again after a cut: a word cut in two may split into other pieces)."""
+    offsets = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     if len(offsets) <= max_query_length:
-        return question
-    return question[:offsets[max_query_length - 1][1]]
+        return question, len(offsets)
+    question = question[:offsets[max_query_length - 1][1]]
+    return question, len(tokenizer(question, add_special_tokens=False)["input_ids"])
 
 
 def _token_span(offsets: Sequence[tuple[int, int]], context_ids: Sequence[int], start: int, end: int) -> tuple[int, int] | None:
@@ -146,8 +147,7 @@ def convert_examples_to_features(
     added = tokenizer.num_special_tokens_to_add(pair=True)
     rows: dict[str, list] = {}
     for index, example in enumerate(examples):
-        question = _cut_question(tokenizer, example.question, max_query_length)
-        n_question = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+        question, n_question = _cut_question(tokenizer, example.question, max_query_length)
         capacity = max_seq_length - n_question - added  # context tokens per window
         if capacity < 1:
             raise UserError(f"--max_seq_length {max_seq_length} leaves no room for the context after a question of "

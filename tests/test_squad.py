@@ -390,3 +390,17 @@ def test_every_flag_of_the_original_keeps_its_default():
         "threads": 1,
     }
     assert {key: getattr(args, key) for key in original} == original
+
+
+def test_questions_are_cut_to_max_query_length_tokens(tokenizer_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dirs["bert"])
+    question = "which of the many words of this long question about the teacher and the student is kept ?"
+    context = "the student of the teacher is the model ."
+    example = SquadExample("q", question, context, ["the model"], [context.index("the model")])
+    features = convert_examples_to_features([example], tokenizer, max_seq_length=48, doc_stride=8,
+                                            max_query_length=5, training=True)
+    ids = features["input_ids"][0].tolist()
+    first_sep = ids.index(tokenizer.sep_token_id)
+    assert ids[1:first_sep] == tokenizer(question, add_special_tokens=False)["input_ids"][:5]
+    start, end = features["start_positions"][0], features["end_positions"][0]
+    assert tokenizer.decode(ids[start:end + 1]) == "the model"
