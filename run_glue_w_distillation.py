@@ -43,6 +43,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 import glue_tasks
 from glue_tasks import DEV, GLUE_TASKS, TRAIN, Task
 from scripts.cli_flags import ArgumentParser, non_negative_float, number
+from scripts.file_safety import check_outputs_apart
 from scripts.model_families import position_limit
 from task_training import (
     AUTO, add_task_arguments, check_same_vocabulary, check_task_arguments, checkpoints_to_evaluate,
@@ -337,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     write the table. Returns the results summary (the master's, with --do_eval), else None."""
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.do_train:  # --do_eval alone reads --output_dir: it holds the models it evaluates
+        check_outputs_apart({"--output_dir": args.output_dir}, {flag: getattr(args, flag[2:]) or None for flag in (
+            "--model_name_or_path", "--teacher_name_or_path", "--data_dir", "--train_file", "--predict_file",
+            "--config_name", "--tokenizer_name")})
     tasks = load_tasks(args)
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, "--model_name_or_path")
     args.n_gpu = 0  # set properly by setup_run; the checks below run on CPU before it

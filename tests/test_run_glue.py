@@ -188,6 +188,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(glue_setup, tmp_path, caps
     assert line.startswith("error: GLUE task MRPC: no file") and line.endswith("dev.tsv'")
 
     glue_assets.write_glue_task(data, "mrpc", n_train=4, n_dev=2)
+    line = run_in_process([*student, "--data_dir", str(data / "MRPC"), "--output_dir", str(data)], capsys)
+    assert line.startswith(f"error: --output_dir {str(data)!r} holds --data_dir {str(data / 'MRPC')!r}")
     three_labels = save_classifier(tmp_path / "three", glue_setup["tokenizer"], 3)
     line = run_in_process([*student, "--data_dir", str(data), "--task_name", "mrpc", "--teacher_type", "bert",
                            "--teacher_name_or_path", str(three_labels)], capsys)
