@@ -16,7 +16,7 @@ import signal
 import threading
 from argparse import Namespace
 from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,9 +32,10 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from checkpointing import CheckpointManager
 from grouped_batch_sampler import GroupedBatchSampler, create_lengths_groups
-from losses import DEFAULT_LOSS_CHUNK_SIZE, LOSS_TERMS, PROBE_SHAPE, TEACHER_TERMS, StudentWithLoss
+from losses import DEFAULT_LOSS_CHUNK_SIZE, LOSS_TERMS, PROBE_SHAPE, TEACHER_TERMS, StudentWithLoss, TeacherOutput
 from metrics import MetricsLogger, training_scalars
 from run_folder import PreviousRun
+from sharding import clip_grad_norm_, gathered_projection, shard_models, total_norm
 from utils import (
     IGNORE_INDEX,
     NonFiniteLossError,
@@ -320,6 +321,7 @@ class Distiller:
         self.log_interval = params.log_interval
         self.checkpoint_interval = params.checkpoint_interval
         self.fp16 = params.fp16
+        self.fsdp = getattr(params, "fsdp", False)
         self.temperature = params.temperature
         self.restrict_ce_to_mask = params.restrict_ce_to_mask
         self.alphas = {term: getattr(params, f"alpha_{term}") for term in LOSS_TERMS}
@@ -355,6 +357,11 @@ class Distiller:
             getattr(params, "loss_chunk_size", DEFAULT_LOSS_CHUNK_SIZE), self.teacher, self.seed,
             probe_ids(dataset), getattr(params, "fused_loss_explicit", False),
         )
+
+        if self.fsdp:
+            # Before the optimizer is built: sharding replaces the parameters by their shards (DTensors).
+            logger.info("Sharding the student and its loss, and the teacher, with FSDP2 (--fsdp)")
+            shard_models(self.distillation, self.raw_student, self.teacher, self.device, params.bf16)
 
         logger.info("--- Initializing model optimizer")
         self.optimizer = torch.optim.AdamW(
@@ -418,14 +425,16 @@ class Distiller:
         if getattr(params, "compile", False):
             # A compiled wrapper for the steps only; raw_student (same parameters) is what is saved and restored.
             self.distillation.student = torch.compile(self.raw_student)
-        if self.multi_gpu:
+        self.ddp = self.multi_gpu and not self.fsdp
+        if self.ddp:
             logger.info("Using DistributedDataParallel for the student and its loss")
             # No device_ids: DDP would copy every input to the device, the host masks that select loss rows too.
             self.model = DistributedDataParallel(self.distillation)
         else:
             self.model = self.distillation
-        # What the steps train: the DDP module (no_sync, communication hooks), or the student given, in place.
-        self.student = self.model if self.multi_gpu else self.distillation.student
+        # What the steps train: the DDP module (no_sync, communication hooks), the sharded root, or the student
+        # given, in place.
+        self.student = self.model if self.ddp or self.fsdp else self.distillation.student
 
     def _batch_prologue(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Shared opening of both batch preparations: fp16 rounding and the attention mask."""
@@ -568,15 +577,9 @@ class Distiller:
         input_ids = self._to_device(input_ids)
         # [F] the CLM models run without a mask: padding is at the end and attention is causal.
         model_mask = self._to_device(attention_mask) if self.mlm else None
-        # Under DDP, all-reduce gradients only on the micro-batch that steps the optimizer.
-        sync_context = self.model.no_sync() if self.multi_gpu and not stepping else nullcontext()
-        with sync_context:
+        with self._gradient_sync(stepping):
             with self.autocast:
-                t_output = None
-                if self.teacher is not None:
-                    # Inference mode (no autograd bookkeeping at all), in the autocast dtype.
-                    with torch.inference_mode():
-                        t_output = self.distillation.teacher_output(self.teacher, input_ids, model_mask)
+                t_output = self._teacher_output(input_ids, model_mask)
                 loss, losses = self.model(input_ids, model_mask, attention_mask, lm_labels, t_output)
             self.scaler.scale(loss / self.gradient_accumulation_steps).backward()
 
@@ -586,6 +589,28 @@ class Distiller:
         self.n_sequences_epoch += input_ids.size(0)
         if stepping:
             self.optimize()
+
+    def _gradient_sync(self, stepping: bool) -> AbstractContextManager:
+        """Reduce gradients across processes only on the micro-batch that steps the optimizer: DDP's `no_sync`
+        inside a window; a sharded model reduce-scatters only when asked to."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(stepping)
+        return self.model.no_sync() if self.ddp and not stepping else nullcontext()
+
+    def _teacher_output(self, input_ids: Tensor, model_mask: Tensor | None) -> TeacherOutput | None:
+        """The teacher's forward without gradients, in the autocast dtype; None without a teacher.
+
+        Unsharded, in inference mode (no autograd bookkeeping at all); sharded, under no_grad, because FSDP's
+        gathered parameters keep version counters, which inference tensors lack. A sharded teacher's projection,
+        resharded after its forward, is gathered for the fused losses, which read it in the student's forward.
+        """
+        if self.teacher is None:
+            return None
+        with torch.no_grad() if self.fsdp else torch.inference_mode():
+            t_output = self.distillation.teacher_output(self.teacher, input_ids, model_mask)
+            if t_output.projection is not None:
+                t_output = t_output._replace(projection=gathered_projection(t_output.projection))
+        return t_output
 
     def _to_device(self, tensor: Tensor) -> Tensor:
         """Copy a host tensor to the training device without blocking (pinned first on CUDA, so the copy is async)."""
@@ -612,13 +637,13 @@ class Distiller:
         the next boundary.
         """
         self.scaler.unscale_(self.optimizer)
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).detach()
+        self.grad_norm = clip_grad_norm_(self.model.parameters(), self.max_grad_norm).detach()
         self.stop_signal = self._check_finite_and_stop()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.n_optimizer_steps += 1
-        self.weights_finite = torch.nn.utils.get_total_norm(list(self.trained_parameters())).isfinite()
+        self.weights_finite = total_norm(self.trained_parameters()).isfinite()
 
     def trained_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters the optimizer updates."""
@@ -655,8 +680,9 @@ class Distiller:
             raise NonFiniteLossError(self.n_total_iter, "weights")
 
     def log(self, iter_bar: tqdm) -> None:
-        """Write the tensorboard scalars of this iteration and refresh the progress bar (master only)."""
-        if not self.is_master:
+        """Write the tensorboard scalars of this iteration and refresh the progress bar (master only; every
+        process takes part for a sharded student, whose parameters are gathered one at a time)."""
+        if not self.is_master and not self.fsdp:
             return
         tensors = training_scalars(
             self.raw_student, self.grad_norm, self.total_loss_epoch / self.n_iter, self.last_loss, self.last_losses

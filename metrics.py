@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from sharding import full_tensor
 from utils import logger
 
 
@@ -40,19 +41,22 @@ def training_scalars(
     """The [F] parameter, gradient and loss scalars as 0-dim device tensors, keyed by tensorboard tag.
 
     Args:
-        student: the model whose parameters (and gradients, where set) are summarised by name.
+        student: the model whose parameters (and gradients, where set) are summarised by name; when sharded,
+            every process calls this (each parameter is gathered in turn).
         grad_norm: the total gradient norm before clipping at the last optimizer step ([+]); None before one.
         cum_avg_loss: the epoch's average loss so far.
         loss, losses: the last micro-batch's total and its terms by name (ce, mlm, ...).
     """
     tensors = {}
     for name, param in student.named_parameters():
-        tensors[f"parameter_mean/{name}"] = param.detach().mean()
-        tensors[f"parameter_std/{name}"] = param.detach().std()
+        whole = full_tensor(param.detach())  # a sharded parameter is gathered: every process must call this
+        tensors[f"parameter_mean/{name}"] = whole.mean()
+        tensors[f"parameter_std/{name}"] = whole.std()
         if param.grad is None:
             continue
-        tensors[f"grad_mean/{name}"] = param.grad.mean()
-        tensors[f"grad_std/{name}"] = param.grad.std()
+        grad = full_tensor(param.grad)
+        tensors[f"grad_mean/{name}"] = grad.mean()
+        tensors[f"grad_std/{name}"] = grad.std()
     if grad_norm is not None:
         tensors["global/grad_norm"] = grad_norm
     tensors["losses/cum_avg_loss_epoch"] = cum_avg_loss

@@ -27,7 +27,7 @@ SET_ASIDE = ".previous-run"
 # replaces a folder that holds nothing else.
 RUN_FILE_PATTERNS = (
     "parameters.json", "git_log.json", "config.json", "generation_config.json", "README.md", "log",
-    "checkpoint.pth", "model_epoch_*.pth", "pytorch_model.bin", "training_state.pth",
+    "checkpoint.pth", "model_epoch_*.pth", "pytorch_model.bin", "training_state.pth", "training_state.shards.*",
     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "*.model", "chat_template.jinja", "chat_template.json",

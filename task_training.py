@@ -70,6 +70,7 @@ from utils import (
     TMP_SUFFIX,
     NonFiniteLossError,
     UserError,
+    check_model_folder,
     init_gpu_params,
     load_failure,
     logger,
@@ -182,6 +183,7 @@ def load_task_model(
     flag: str,
     config_name: str = "",
     dtype: torch.dtype | None = None,
+    cache_dir: str = "",
     **config_overrides: object,
 ) -> nn.Module:
     """A model with a task head (`model_class`, e.g. AutoModelForQuestionAnswering), its family checked.
@@ -193,20 +195,26 @@ def load_task_model(
         flag: the flag that named it, for the error line.
         config_name: another config than the one beside the weights (`--config_name`).
         dtype: the type to hold the weights in (None: the checkpoint's).
+        cache_dir: where hub downloads go (`--cache_dir`; default: the hub's).
         config_overrides: config fields to set (e.g. num_labels).
 
     Raises:
-        UserError: it cannot be loaded, or its config is of another family than `model_type`.
+        UserError: its folder's files are damaged, it cannot be loaded, or its config is of another family than
+            `model_type`.
     """
+    check_model_folder(name_or_path, flag)
+    if config_name:
+        check_model_folder(config_name, "--config_name")
     try:
-        config = AutoConfig.from_pretrained(config_name or name_or_path, **config_overrides)
+        config = AutoConfig.from_pretrained(config_name or name_or_path, cache_dir=cache_dir or None, **config_overrides)
     except MODEL_LOAD_ERRORS as err:
         raise load_failure(f"a config from {flag} {name_or_path!r}", name_or_path, err) from err
     if model_type != AUTO and config.model_type != model_type:
         raise UserError(f"{flag} {name_or_path!r} holds a {config.model_type} model, not a {model_type} one: pass "
                         f"the type it is (or auto)")
     try:
-        model = model_class.from_pretrained(name_or_path, config=config, **({} if dtype is None else {"dtype": dtype}))
+        model = model_class.from_pretrained(name_or_path, config=config, cache_dir=cache_dir or None,
+                                            **({} if dtype is None else {"dtype": dtype}))
     except MODEL_LOAD_ERRORS as err:
         raise load_failure(f"a {model_type} model from {flag} {name_or_path!r}", name_or_path, err) from err
     return model
@@ -218,7 +226,7 @@ def load_teacher(args: Namespace, model_class: type, **config_overrides: object)
         return None
     dtype = TEACHER_DTYPES[args.teacher_dtype] if args.teacher_dtype else None
     teacher = load_task_model(model_class, args.teacher_type, args.teacher_name_or_path, "--teacher_name_or_path",
-                              dtype=dtype, **config_overrides)
+                              dtype=dtype, cache_dir=args.cache_dir, **config_overrides)
     teacher.requires_grad_(False)
     return teacher.eval().to(args.device)
 

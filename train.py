@@ -27,6 +27,9 @@ exported), exactly as in the original README:
 Several CPU processes over gloo (tests, debugging the distributed path without a GPU):
     torchrun --nproc_per_node 2 train.py --n_gpu 0 ...
 
+Teacher or student too large for one GPU: add --fsdp (any launcher above) to shard both over the processes
+(docs/training.md, "Sharded training"); such a run may resume on another number of processes.
+
 Only the master process (node 0, local rank 0) writes to --dump_path: parameters.json, git_log.json,
 config.json, checkpoint.pth, model_epoch_<e>.pth, pytorch_model.bin, training_state.pth, the tensorboard
 log in log/train, and at the end a complete model folder (save_pretrained weights, the teacher's tokenizer,
@@ -81,7 +84,14 @@ from evaluation import Evaluator, build_eval_batches, check_token_ids, load_bina
 from lm_seqs_dataset import LmSeqsDataset
 from losses import DEFAULT_LOSS_CHUNK_SIZE
 from run_folder import RunFolderLock
-from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, ArgumentParser, non_negative_int, out_of_range
+from scripts.cli_flags import (
+    LEARNING_RATE_RANGE,
+    SEED_RANGE,
+    ArgumentParser,
+    HelpFormatter,
+    non_negative_int,
+    out_of_range,
+)
 from scripts.file_safety import check_model_folder, check_outputs_apart
 from scripts.model_families import auto_markers, position_limit, vocabulary_size
 from scripts.token_data import load_token_counts
@@ -170,10 +180,6 @@ NOT_COMPARED_ON_RESUME = ("dump_path", "force", "resume", "local_rank", *MAY_CHA
 # Starting weights must hold at least this share of the student's tensors (an extraction without
 # --vocab_transform lacks only the head's transform).
 MIN_WEIGHT_COVERAGE = 0.5
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with each flag's default, and the usage commands of the epilog as written (not re-wrapped)."""
 
 
 class ExplicitValue(argparse.Action):
@@ -329,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
         "first steps are slow while it compiles; worth it for long GPU runs.",
     )
     parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="[+] Shard the student (its parameters, gradients and AdamW state) and the teacher over the processes "
+        "with FSDP2, for models that do not fit on one device; with --bf16 the student's parameters are gathered "
+        "in bfloat16 and its gradients reduced in float32. Not with --fp16, --compile or --eval_data_file. The "
+        "checkpoints and the finished folder are those of an unsharded run; the training state is sharded and may "
+        "be resumed on another number of processes.",
+    )
+    parser.add_argument(
         "--loss_chunk_size",
         type=non_negative_int,
         default=DEFAULT_LOSS_CHUNK_SIZE,
@@ -461,6 +476,9 @@ def sanity_checks(args: Namespace) -> None:
         )
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are exclusive: pick one")
+    for flag in ("fp16", "compile", "eval_data_file"):
+        if args.fsdp and getattr(args, flag) not in (False, None):
+            raise UserError(f"--fsdp does not work with --{flag}: drop one of them (--bf16 is the mixed precision of --fsdp)")
     if args.resume and args.force:
         raise UserError("--resume continues the run in --dump_path and --force deletes it: pass only one of them")
     check_outputs_apart({"--dump_path": args.dump_path}, {flag: getattr(args, flag[2:]) for flag in INPUT_FLAGS})
@@ -499,7 +517,7 @@ def check_resume(args: Namespace) -> None:
         for name in shaping
         if saved.get(name, parser.get_default(name)) != getattr(args, name)
     ]
-    if saved.get("world_size") != args.world_size:
+    if saved.get("world_size") != args.world_size and not args.fsdp:  # a sharded state reshards
         differing.append(f"the number of processes (run: {saved.get('world_size')}, now: {args.world_size})")
     if differing:
         raise UserError(

@@ -4,7 +4,10 @@ read back is whole and belongs to this run before anything of it is used.
 
 `training_state.pth` holds the student's weights, what the loss trains besides them (a narrower student's
 projection), the optimizer, schedule and grad scaler, the counters, the data position (epoch, batches done,
-seed, batches per epoch) and every process's generator states.
+seed, batches per epoch) and every process's generator states. A sharded run (--fsdp) keeps the weights and
+the optimizer state in the folder `training_state.shards.<iteration>` that it names instead
+(torch.distributed.checkpoint: one file per process and their layout), and may resume on another number of
+processes (`reshard_position`).
 """
 
 from pathlib import Path
@@ -17,6 +20,8 @@ from utils import UserError, load_tensors
 # The file, beside the [F] checkpoints (which stay plain student state dicts), and its format.
 TRAINING_STATE = "training_state.pth"
 TRAINING_STATE_FORMAT = 1
+# The folders of a sharded run's weights and optimizer state: `training_state.shards.<iteration>`.
+TRAINING_STATE_SHARDS = "training_state.shards"
 
 
 def load_training_state(dump_path: str | Path) -> dict:
@@ -44,16 +49,15 @@ def load_training_state(dump_path: str | Path) -> dict:
 
 
 # What a training state holds, key by key, with the type of each value (see `CheckpointManager._write_training_state`).
-_STATE_LAYOUT = {
-    "student": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "position": dict, "counters": dict,
-    "rng": list,
-}
+_STATE_LAYOUT = {"scheduler": dict, "scaler": dict, "position": dict, "counters": dict, "rng": list}
+_WEIGHTS_LAYOUT = {False: {"student": dict, "optimizer": dict}, True: {"shards": str}}  # by sharded
 _POSITION_KEYS = ("epoch", "batches_done", "seed", "batches_per_epoch")
 _COUNTER_KEYS = ("n_total_iter", "n_optimizer_steps", "n_sequences_epoch")
 
 
 def check_training_state(
-    state: dict, world_size: int, seed: int, batches_per_epoch: int, n_epoch: int, accumulation: int
+    state: dict, world_size: int, seed: int, batches_per_epoch: int, n_epoch: int, accumulation: int,
+    sharded: bool = False,
 ) -> str | None:
     """What makes `state` unusable for this run, or None: missing keys, wrong types, impossible positions.
 
@@ -65,8 +69,13 @@ def check_training_state(
         state: what `load_training_state` read.
         world_size, seed, batches_per_epoch, n_epoch, accumulation: this run's processes, --seed,
             batches per epoch, --n_epoch and --gradient_accumulation_steps.
+        sharded: whether this run is sharded (--fsdp); its state must be a sharded run's, and the other way round.
     """
-    for key, kind in _STATE_LAYOUT.items():
+    if ("shards" in state) != sharded:
+        saved_by, resume_with = ("a sharded run (--fsdp)", "with --fsdp") if "shards" in state else (
+            "a run without --fsdp", "without --fsdp")
+        return f"it was saved by {saved_by}; resume it {resume_with}"
+    for key, kind in {**_STATE_LAYOUT, **_WEIGHTS_LAYOUT[sharded]}.items():
         if not isinstance(state.get(key), kind):
             return f"its {key!r} entry is missing or not a {kind.__name__}"
     position, counters = state["position"], state["counters"]
@@ -110,3 +119,38 @@ def optimizer_state_mismatch(optimizer: torch.optim.Optimizer) -> str | None:
                     return f"its optimizer {name} of shape {tuple(value.shape)} is for a parameter of shape " \
                            f"{tuple(param.shape)}"
     return None
+
+
+def reshard_position(state: dict, world_size: int, batches_per_epoch: int, accumulation: int) -> dict:
+    """A sharded run's `state` moved onto `world_size` processes with `batches_per_epoch` batches each: the same
+    epoch, about the same share of it done, at the start of an accumulation window.
+
+    The weights and the optimizer reshard exactly (torch.distributed.checkpoint); the data cannot: another
+    number of processes splits each epoch into other batches, so the resumed run continues after the same
+    fraction of the epoch, not after the same sequences, and each process takes the generator states of the
+    saved process of its rank modulo their number. Nothing is checked here: `check_training_state` does that.
+
+    Returns:
+        a copy of `state` with its position, counters, schedule and generator states translated.
+    """
+    position, counters = state["position"], state["counters"]
+    epoch, done, saved_batches = position["epoch"], position["batches_done"], position["batches_per_epoch"]
+    done_now = done * batches_per_epoch // max(saved_batches, 1)
+    done_now -= (epoch * batches_per_epoch + done_now) % accumulation  # back to the start of its window
+    if done_now < 0:
+        done_now += accumulation
+    iterations = epoch * batches_per_epoch + done_now
+    share = done_now / done if done else 0.0
+    rng = state["rng"]
+    return {
+        **state,
+        "position": {**position, "batches_done": done_now, "batches_per_epoch": batches_per_epoch},
+        "counters": {
+            "n_total_iter": iterations,
+            "n_optimizer_steps": iterations // accumulation,
+            "n_sequences_epoch": round(counters["n_sequences_epoch"] * share),
+            "total_loss_epoch": counters["total_loss_epoch"] * share,
+        },
+        "scheduler": {**state["scheduler"], "last_epoch": iterations // accumulation},
+        "rng": [rng[rank % len(rng)] for rank in range(world_size)],
+    }

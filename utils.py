@@ -271,12 +271,14 @@ def init_gpu_params(params: Namespace) -> None:
         f"- local rank {local_rank} of {n_per_node} - master: {params.is_master} - multi-process: "
         f"{params.multi_gpu} - multi-node: {params.multi_node} - device: {params.device}"
     )
-    if params.multi_gpu:
+    if params.multi_gpu or getattr(params, "fsdp", False):  # --fsdp shards over a process group, even of one
         backend = "nccl" if params.n_gpu > 0 else "gloo"
         logger.info(f"Initializing the {backend} process group (MASTER_ADDR/MASTER_PORT from the environment)")
         timeout = timedelta(seconds=getattr(params, "dist_timeout", DIST_TIMEOUT_S))
+        # One process without a launcher has no rendezvous address: an in-process store serves it.
+        rendezvous = {"init_method": "env://"} if "MASTER_ADDR" in os.environ else {"store": torch.distributed.HashStore()}
         torch.distributed.init_process_group(
-            backend=backend, init_method="env://", rank=global_rank, world_size=world_size, timeout=timeout
+            backend=backend, rank=global_rank, world_size=world_size, timeout=timeout, **rendezvous
         )
 
 

@@ -28,6 +28,10 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default, and the usage commands of the epilog as written (not re-wrapped)."""
+
+
 def out_of_range(
     value: float, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
 ) -> str | None:
