@@ -22,9 +22,9 @@ Usage (or as `python -m bench.second_step` from the repository root):
 """
 
 import argparse
+import io
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -33,21 +33,19 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # the task scripts' progress bars, one per epoch and run
-
-import torch  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import (  # noqa: E402
-    BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, PreTrainedTokenizerFast,
-)
-from transformers.utils import logging as transformers_logging  # noqa: E402
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, PreTrainedTokenizerFast
+from transformers.utils import logging as transformers_logging
 
 if not __package__:  # run as `python bench/second_step.py`: import the project from the repository root, as -m does
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import run_glue_w_distillation  # noqa: E402
+import run_squad_w_distillation  # noqa: E402
 from quickstart import stdlib_docstrings  # noqa: E402
 
 CLASSES = ("asyncio", "email", "logging", "tkinter", "xml")
@@ -59,7 +57,7 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 # Sizes: (training pool, the students' share of it, dev set, teacher epochs, student epochs, batch size).
 SIZES = {
-    "full": {"classification": (800, 200, 200, 8, 8, 16), "qa": (300, 75, 60, 6, 8, 16)},
+    "full": {"classification": (800, 200, 200, 8, 10, 16), "qa": (150, 30, 40, 6, 10, 16)},
     "tiny": {"classification": (40, 20, 20, 1, 1, 8), "qa": (12, 6, 4, 1, 1, 8)},
 }
 
@@ -165,10 +163,12 @@ def wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Pre
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    tokenizer.train_from_iterator(texts, trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tokenizer.decoder = decoders.WordPiece()
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=512, unk_token="[UNK]",
@@ -195,6 +195,17 @@ def build_starts(tokenizer: PreTrainedTokenizerFast, out: Path) -> tuple[Path, P
 
 # The runs.
 
+def quietly(main: Callable, argv: list[str]):
+    """`main(argv)` with its log, progress bars and printed table held back; shown only if it fails."""
+    captured = io.StringIO()
+    try:
+        with redirect_stdout(captured), redirect_stderr(captured):
+            return main(argv)
+    except BaseException:
+        print(captured.getvalue()[-5000:], file=sys.stderr)
+        raise
+
+
 def common_flags(epochs: int, batch: int, seed: int, output_dir: Path) -> list[str]:
     return ["--no_cuda", "--do_train", "--do_eval", "--output_dir", str(output_dir), "--overwrite_output_dir",
             "--num_train_epochs", str(epochs), "--per_gpu_train_batch_size", str(batch), "--per_gpu_eval_batch_size",
@@ -213,10 +224,10 @@ def classification_task(out: Path, size: str) -> tuple[Callable, Callable]:
     tokenizer = wordpiece_tokenizer([row["text"] for row in pool], 2000, out / "tokenizer")
     teacher_start, student_start = build_starts(tokenizer, out)
     task = ["--task_name", "docstrings", "--predict_file", str(files["dev"]), "--text_columns", "text",
-            "--label_column", "module", "--label_list", ",".join(CLASSES), "--max_seq_length", "64"]
+            "--label_column", "module", "--label_list", ",".join(CLASSES), "--max_seq_length", "32"]
 
     def accuracy(argv: list[str]) -> float:
-        summary = run_glue_w_distillation.main(argv)
+        summary = quietly(run_glue_w_distillation.main, argv)
         return 100 * summary["tasks"]["docstrings"]["metrics"]["dev"]["acc"]
 
     def teacher() -> float:
@@ -245,13 +256,11 @@ def qa_task(out: Path, size: str) -> tuple[Callable, Callable]:
         files[name].write_text(json.dumps(squad), encoding="utf-8")
     tokenizer = wordpiece_tokenizer(squad_texts(pool), 1000, out / "tokenizer")
     teacher_start, student_start = build_starts(tokenizer, out)
-    task = ["--predict_file", str(files["dev"]), "--max_seq_length", "128", "--doc_stride", "64",
+    task = ["--predict_file", str(files["dev"]), "--max_seq_length", "64", "--doc_stride", "32",
             "--max_query_length", "24", "--max_answer_length", "8"]
 
-    import run_squad_w_distillation
-
     def f1(argv: list[str]) -> float:
-        return run_squad_w_distillation.main(argv)["f1"]
+        return quietly(run_squad_w_distillation.main, argv)["f1"]
 
     def teacher() -> float:
         return f1(["--model_type", "bert", "--model_name_or_path", str(teacher_start), *task, "--train_file",
@@ -311,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     transformers_logging.set_verbosity_error()  # the load report of each new task head
+    transformers_logging.disable_progress_bar()
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="second_step."))
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
