@@ -261,4 +261,4 @@ class CheckpointManager:
         folder = self.dump_path / state["shards"]
         if Path(state["shards"]).name != state["shards"] or not folder.is_dir():
             raise ValueError(f"its shard folder {state['shards']!r} is missing from {str(self.dump_path)!r}")
-        load_sharded_state(self.distillation, self.optimizer, folder, state["counters"]["n_optimizer_steps"] > 0)
+        load_sharded_state(self.distillation, self.optimizer, folder)

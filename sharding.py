@@ -144,19 +144,21 @@ def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folde
     dcp.save(state, checkpoint_id=folder)
 
 
-def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, with_optimizer: bool) -> None:
-    """Read what `save_sharded_state` wrote into the sharded `model` and, when it had stepped, `optimizer` (a
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Read what `save_sharded_state` wrote into the sharded `model` and, if it was written, `optimizer` (a
     collective), whatever the number of processes that wrote it: torch.distributed.checkpoint reshards.
 
     Raises:
         ValueError: the folder is not such a checkpoint, or does not fit the model and optimizer.
     """
-    state = {"model": get_model_state_dict(model)}
-    if with_optimizer:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     try:
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        state = {"model": get_model_state_dict(model)}
+        with_optimizer = any(key.startswith("optimizer.") for key in saved)
+        if with_optimizer:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
         dcp.load(state, checkpoint_id=folder)
-    except CheckpointException as err:  # a BaseException: it would pass any `except Exception`
+    except (CheckpointException, OSError) as err:  # CheckpointException is a BaseException
         raise ValueError(f"reading {str(folder)!r} failed: {err}") from None
     set_model_state_dict(model, state["model"])
     if with_optimizer:

@@ -4,7 +4,7 @@ The default run trains once and checks what a user gets: the same complete model
 run (it loads in `pipeline` with no missing key), and a training state whose weights and optimizer are
 sharded in one `training_state.shards.<iteration>` folder. The kill-and-resume runs are the fault matrix's
 (`-m fault_matrix`): a run killed by SIGKILL and resumed ends bit for bit where the uninterrupted one ends,
-and a two-process state resumes in one process, resharded.
+and a two-process state resumes in one process and in four, resharded.
 """
 
 import pickle
@@ -148,5 +148,23 @@ def test_a_two_process_sharded_state_resumes_in_one_process(fsdp_argv, reference
     # Another split of the data: close to the two-process run, not equal to it.
     assert all(torch.isfinite(value).all() for value in final.values())
     assert any(not torch.equal(final[key], value) for key, value in expected.items())
+    model, info = AutoModelForCausalLM.from_pretrained(dump, output_loading_info=True)
+    assert not any(info.values()), info
+
+
+@pytest.mark.fault_matrix
+def test_a_two_process_sharded_state_resumes_on_four(fsdp_argv, reference, repo_root, tmp_path):
+    # Killed after iteration 8: the state is the end of epoch 0 (iteration 6). Four processes have 3 batches
+    # per epoch; iteration 3 + 0 is inside a window of 2, so the run takes up at the next window, 1 batch in.
+    dump = tmp_path / "dump"
+    result = torchrun(repo_root, tmp_path, fsdp_argv(dump), fault="sigkill@8:1")
+    assert result.returncode != 0
+    result = torchrun(repo_root, tmp_path, fsdp_argv(dump, "--resume"), processes=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Resharding the training state of 2 process(es) onto 4") == 1
+    assert "Resuming at iteration 4 (optimizer step 2), epoch 1, after 1 of its 3 batches" in result.stderr
+    state = torch.load(dump / TRAINING_STATE, weights_only=True)
+    assert len(state["rng"]) == 4 and state["counters"]["n_total_iter"] == 6
+    assert len(list((dump / state["shards"]).glob("*.distcp"))) == 4
     model, info = AutoModelForCausalLM.from_pretrained(dump, output_loading_info=True)
     assert not any(info.values()), info
