@@ -65,7 +65,7 @@ def _field(record: dict, key: str, kind: type, where: str, path: str) -> object:
 
 def read_squad_examples(path: str, training: bool, version_2: bool) -> list[SquadExample]:
     """Every question of a SQuAD JSON file, checked: one line for malformed JSON, a missing field, an answer that
-    is not at its place in its context, or (training, v1.1) a question without an answer.
+    is not at its place in its context, or a question without an answer that is not marked unanswerable (v2.0).
 
     Args:
         path: the official layout: {"data": [{"paragraphs": [{"context", "qas": [{"id", "question", "answers":
@@ -98,7 +98,7 @@ def read_squad_examples(path: str, training: bool, version_2: bool) -> list[Squa
                                         f"at answer_start {start}; fix the file's answer_start or text")
                     texts.append(text)
                     starts.append(start)
-                if training and not texts and not is_impossible:
+                if not texts and not is_impossible:  # nothing to train on, nothing to score against
                     hint = "" if version_2 else " (a SQuAD v2.0 file needs --version_2_with_negative)"
                     raise UserError(f"{path!r}: question {qas_id!r} has no answer{hint}")
                 examples.append(SquadExample(qas_id, question, context, texts, starts, is_impossible))

@@ -262,13 +262,14 @@ def test_distillation_under_torchrun_with_two_gloo_processes(squad_setup, repo_r
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), initial.state_dict().values()))
 
 
-@pytest.mark.parametrize("case", ["malformed", "answer_not_in_context", "vocabulary", "positions"])
+@pytest.mark.parametrize("case", ["malformed", "answer_not_in_context", "vocabulary", "positions", "v2_without_flag"])
 def test_bad_input_is_one_line_and_writes_nothing(case, squad_setup, tmp_path, tokenizer_dirs, capsys):
     data = tmp_path / "data"
     squad = squad_assets.make_squad(2, 0)
     teacher = squad_setup["teacher"]
     expected = {"malformed": "is not valid JSON", "answer_not_in_context": "is not in its context at answer_start",
-                "vocabulary": "vocabulary has", "positions": "is more than the 64 positions of the student"}[case]
+                "vocabulary": "vocabulary has", "positions": "is more than the 64 positions of the student",
+                "v2_without_flag": "has no answer (a SQuAD v2.0 file needs --version_2_with_negative)"}[case]
     if case == "malformed":
         data.mkdir()
         (data / "train-v1.1.json").write_text(json.dumps(squad)[:-5])
@@ -279,7 +280,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, squad_setup, tmp_path, t
             teacher = squad_assets.build_qa_model("bert", tmp_path / "other-teacher", tokenizer_dirs["bert"],
                                                   vocab_size=77)
         squad_assets.write_squad(data / "train-v1.1.json", squad)
-    squad_assets.write_squad(data / "dev-v1.1.json", squad_assets.make_squad(1, 1))
+    squad_assets.write_squad(data / "dev-v1.1.json", squad_assets.make_squad(1, 1, version_2=case == "v2_without_flag"))
     before = sorted(path.name for path in data.iterdir())
     out = tmp_path / "out"
     flags = ["--max_seq_length", "65"] if case == "positions" else []
