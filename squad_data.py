@@ -189,7 +189,10 @@ def cache_path(input_file: str, training: bool, model_name_or_path: str, max_seq
 def _fingerprint(input_file: str, tokenizer: PreTrainedTokenizerBase, settings: dict) -> str:
     """A digest of what the features depend on: the input's size and time, the tokenizer, the settings."""
     stat = os.stat(input_file)
-    tokenizer_state = json.dumps(tokenizer.get_vocab(), sort_keys=True) + tokenizer.backend_tokenizer.to_str()
+    # The backend's own truncation and padding settings change with every call: they are not what it tokenizes.
+    backend = {key: value for key, value in json.loads(tokenizer.backend_tokenizer.to_str()).items()
+               if key not in ("truncation", "padding")}
+    tokenizer_state = json.dumps([tokenizer.get_vocab(), backend], sort_keys=True)
     text = json.dumps([CACHE_FORMAT, stat.st_size, stat.st_mtime_ns, settings], sort_keys=True) + tokenizer_state
     return hashlib.sha256(text.encode()).hexdigest()
 

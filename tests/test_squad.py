@@ -8,6 +8,7 @@
 - The command end to end: a subprocess without a teacher, and torchrun with two gloo processes with one.
 """
 
+import argparse
 import json
 import math
 import subprocess
@@ -405,3 +406,37 @@ def test_questions_are_cut_to_max_query_length_tokens(tokenizer_dirs):
     assert ids[1:first_sep] == tokenizer(question, add_special_tokens=False)["input_ids"][:5]
     start, end = features["start_positions"][0], features["end_positions"][0]
     assert tokenizer.decode(ids[start:end + 1]) == "the model"
+
+
+def test_the_feature_cache_is_reused_rebuilt_when_its_inputs_change_and_never_unpickled(tmp_path, tokenizer_dirs,
+                                                                                         monkeypatch):
+    import squad_data
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dirs["bert"])
+    path = squad_assets.write_squad(tmp_path / "train.json", squad_assets.make_squad(2, 0))
+    examples = squad_data.read_squad_examples(str(path), True, False)
+    builds = []
+    build = squad_data.convert_examples_to_features
+    monkeypatch.setattr(squad_data, "convert_examples_to_features", lambda *a: builds.append(a[3]) or build(*a))
+
+    def features(doc_stride=8, overwrite_cache=False, tokenizer=tokenizer):
+        args = argparse.Namespace(max_seq_length=32, doc_stride=doc_stride, max_query_length=12,
+                                  version_2_with_negative=False, model_name_or_path="models/tiny/",
+                                  overwrite_cache=overwrite_cache)
+        return squad_data.load_or_build_features(str(path), examples, tokenizer, args, True, write_cache=True)
+
+    first = features()
+    cache = tmp_path / "cached_distillation_train_tiny_32.npz"
+    assert cache.is_file() and builds == [8]
+    again = features()
+    assert builds == [8] and all(np.array_equal(first[key], again[key]) for key in first)
+    features(doc_stride=4)
+    features(doc_stride=4, overwrite_cache=True)
+    assert builds == [8, 4, 4]
+    other = AutoTokenizer.from_pretrained(tokenizer_dirs["bert"])
+    other.add_tokens(["zzzunseen"])
+    features(doc_stride=4, tokenizer=other)
+    assert builds == [8, 4, 4, 4]
+    np.savez(cache, fingerprint=np.array([object()], dtype=object), input_ids=np.zeros(1))  # a pickle inside
+    rebuilt = features(doc_stride=4)
+    assert builds == [8, 4, 4, 4, 4] and rebuilt["input_ids"].shape[1] == 32
