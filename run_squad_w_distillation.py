@@ -105,8 +105,8 @@ def load_squad_tokenizer(args: Namespace) -> PreTrainedTokenizerBase:
 
 def check_positions(args: Namespace, model: nn.Module, what: str) -> None:
     """Refuse a --max_seq_length past the positions `model` can embed (it would fail at the first batch)."""
-    limit = position_limit(model, model.config)
-    if limit is not None and args.max_seq_length > limit:
+    limit = position_limit(model, model.config)  # None, or -1 (XLNet's config): no limit from positions
+    if limit is not None and 0 < limit < args.max_seq_length:
         raise UserError(f"--max_seq_length {args.max_seq_length} is more than the {limit} positions of {what}; lower it")
 
 
