@@ -3,7 +3,9 @@
 `Distiller.train()` reads top to bottom: batch -> prepare_batch -> step (forward, losses, backward,
 optimizer step at the accumulation boundary) -> log -> checkpoint. What is logged and how is metrics.py's
 (`MetricsLogger`); which files are written and how is checkpointing.py's (`CheckpointManager`): the
-trainer decides when, and knows its position in the data.
+trainer decides when, and knows its position in the data. With --fsdp the models are sharded first
+(sharding.py) and the same loop runs: only how gradients are synchronised and the teacher's LM head is read
+differ, in `_gradient_sync` and `_teacher_output`.
 
 Runs survive interruptions: at every checkpoint and epoch end a training state is saved too, from which
 `Distiller(..., training_state=...)` continues bit for bit; SIGTERM/SIGINT stop the run at the next

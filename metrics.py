@@ -125,6 +125,7 @@ class MetricsLogger:
         """
         if not self.is_master:
             return
+        # One host read for every tensor-valued scalar of this log.
         scalars = dict(zip(tensors, torch.stack([t.float() for t in tensors.values()]).tolist()))
         elapsed = time.time() - self.last_log
         scalars["learning_rate/lr"] = learning_rate

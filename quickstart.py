@@ -68,7 +68,13 @@ INTERRUPTED = {129, 130, 143, -signal.SIGHUP, -signal.SIGINT, -signal.SIGTERM}
 
 
 def stdlib_docstring_corpus() -> list[str]:
-    """English paragraphs from the standard library's docstrings, deterministic for a Python version.
+    """English paragraphs from the standard library's docstrings, deterministic for a Python version."""
+    return [paragraph for _, paragraph in stdlib_docstrings()]
+
+
+def stdlib_docstrings() -> list[tuple[str, str]]:
+    """(top-level module or package, paragraph) of the standard library's docstrings in English, each paragraph
+    once, deterministic for a Python version (bench/second_step.py classifies them by module).
 
     Sources are parsed with `ast`, never imported (importing some modules has side effects). Test
     suites, doctest examples and paragraphs that are mostly symbols are left out.
@@ -76,7 +82,8 @@ def stdlib_docstring_corpus() -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     paragraphs, seen = [], set()
     for path in sorted(root.rglob("*.py")):
-        if {"site-packages", "test", "tests", "idle_test"} & set(path.relative_to(root).parts):
+        parts = path.relative_to(root).parts
+        if {"site-packages", "test", "tests", "idle_test"} & set(parts):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -88,7 +95,7 @@ def stdlib_docstring_corpus() -> list[str]:
                     line = " ".join(paragraph.split())
                     if _is_prose(line) and line not in seen:
                         seen.add(line)
-                        paragraphs.append(line)
+                        paragraphs.append((parts[0].removesuffix(".py"), line))
     return paragraphs
 
 

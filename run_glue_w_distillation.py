@@ -7,7 +7,7 @@ teachers.
     python run_glue_w_distillation.py --model_type bert --model_name_or_path bert-base-uncased \\
         --data_dir glue_data --output_dir teachers --do_train --do_eval
     # the students, each distilled from its task's teacher (teachers/<task>/), then the table
-    python run_glue_w_distillation.py --model_type distilbert --model_name_or_path serialization_dir/my_first_training \\
+    python run_glue_w_distillation.py --model_type distilbert --model_name_or_path serialization_dir/my_student \\
         --teacher_type bert --teacher_name_or_path teachers --data_dir glue_data --output_dir students \\
         --do_train --do_eval
     # one task, as the original run_glue.py took it; two CPU processes
@@ -24,7 +24,8 @@ with the labels (the squared error for regression). Without a teacher, loss_task
 Outputs: with one task, --output_dir holds its checkpoints and final model, as the original's; with
 several, --output_dir/<task>/ each (CoLA, MNLI, ...). --do_eval evaluates those final models (and with
 --eval_all_checkpoints their checkpoints), writes eval_results.txt beside each, and glue_results.json and
-glue_table.md in --output_dir.
+glue_table.md in --output_dir. Without --do_train it evaluates the models already in --output_dir, or, when
+there are none, --model_name_or_path (or its <task>/ folders) [+], so a released model can be scored.
 """
 
 import inspect
@@ -43,9 +44,10 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 import glue_tasks
 from glue_tasks import DEV, GLUE_TASKS, TRAIN, Task
 from scripts.cli_flags import ArgumentParser, non_negative_float, number
+from scripts.file_safety import check_outputs_apart
 from scripts.model_families import position_limit
 from task_training import (
-    AUTO, add_task_arguments, check_same_vocabulary, check_task_arguments, checkpoints_to_evaluate,
+    AUTO, add_task_arguments, check_same_vocabulary, check_task_arguments, checkpoint_step, checkpoints_to_evaluate,
     load_task_model, run_script, setup_run, soft_target_loss, train,
 )
 from utils import TEACHER_DTYPES, UserError, atomic_write, load_tokenizer, logger, set_seed, write_json
@@ -136,11 +138,24 @@ def column_name(name: str) -> str:
     return GLUE_TASKS[name].column if name in GLUE_TASKS else name
 
 
+def per_task_path(path: str, task: Task) -> str:
+    """`path/<CoLA|MNLI|...>` when that folder exists (what a run on several tasks writes), else `path` itself."""
+    per_task = Path(path) / column_name(task.name)
+    return str(per_task) if per_task.is_dir() else path
+
+
 def teacher_path(args: Namespace, task: Task) -> str:
-    """The task's teacher: `<--teacher_name_or_path>/<CoLA|MNLI|...>` when that folder exists (the --output_dir of
-    a teacher run on several tasks), else --teacher_name_or_path itself."""
-    per_task = Path(args.teacher_name_or_path) / column_name(task.name)
-    return str(per_task) if per_task.is_dir() else args.teacher_name_or_path
+    """The task's teacher, from --teacher_name_or_path: one teacher, or the --output_dir of a teachers' run."""
+    return per_task_path(args.teacher_name_or_path, task)
+
+
+def folders_to_evaluate(args: Namespace, task: Task, n_tasks: int) -> list[Path]:
+    """The task's folder in --output_dir (and its checkpoints with --eval_all_checkpoints); without --do_train, the
+    same when it holds a model (the original), else --model_name_or_path (or its <task>/ folder) [+]."""
+    folder = task_output_dir(args, task, n_tasks)
+    if args.do_train or (folder / "config.json").is_file():
+        return checkpoints_to_evaluate(folder, args.eval_all_checkpoints)
+    return [Path(per_task_path(args.model_name_or_path, task))]
 
 
 def label_config(task: Task) -> dict:
@@ -337,8 +352,14 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     write the table. Returns the results summary (the master's, with --do_eval), else None."""
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.do_train:  # --do_eval alone reads --output_dir: it holds the models it evaluates
+        check_outputs_apart({"--output_dir": args.output_dir}, {flag: getattr(args, flag[2:]) or None for flag in (
+            "--model_name_or_path", "--teacher_name_or_path", "--data_dir", "--train_file", "--predict_file",
+            "--config_name", "--tokenizer_name")})
     tasks = load_tasks(args)
-    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, "--model_name_or_path")
+    # the start's tokenizer; to evaluate a run on several tasks, the one its task folders share
+    tokenizer_source = args.model_name_or_path if args.do_train else per_task_path(args.model_name_or_path, tasks[0])
+    tokenizer = load_tokenizer(args.tokenizer_name or tokenizer_source, "--tokenizer_name or --model_name_or_path")
     args.n_gpu = 0  # set properly by setup_run; the checks below run on CPU before it
     checked = {}
     if args.do_train:
@@ -359,22 +380,25 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if not (args.do_eval and args.is_master):
         return None
 
-    results, per_checkpoint = {}, {}
+    results, per_folder = {}, {}
     for task in tasks:  # every model evaluated before any result is written
-        folder = task_output_dir(args, task, len(tasks))
-        for checkpoint in checkpoints_to_evaluate(folder, args.eval_all_checkpoints):
-            model = load_task_model(AutoModelForSequenceClassification, args.model_type, str(checkpoint),
-                                    "--output_dir").to(args.device)
-            check_task_head(model, task, "--output_dir", str(checkpoint))
-            per_checkpoint.setdefault(task.name, {})[checkpoint] = evaluate(model, task, eval_features[task.name], args)
-        results[task.name] = per_checkpoint[task.name][folder]  # the final model's
-    for task_checkpoints in per_checkpoint.values():
-        for checkpoint, task_results in task_checkpoints.items():
-            write_eval_results(checkpoint, task_results)
+        task_folder = task_output_dir(args, task, len(tasks))
+        for folder in folders_to_evaluate(args, task, len(tasks)):
+            model = load_task_model(AutoModelForSequenceClassification, args.model_type, str(folder),
+                                    "the model to evaluate").to(args.device)
+            check_task_head(model, task, "the model to evaluate", str(folder))
+            # a checkpoint's results go beside it, the final model's (or a given model's) in the task's folder
+            results_folder = folder if checkpoint_step(folder) is not None else task_folder
+            per_folder.setdefault(task.name, {})[results_folder] = evaluate(model, task, eval_features[task.name], args)
+        results[task.name] = per_folder[task.name][task_folder]  # the final model's
+    for task_results in per_folder.values():
+        for folder, found in task_results.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_eval_results(folder, found)
     summary = glue_tasks.results_summary(table_row_name(args), results)
     if args.eval_all_checkpoints:
-        summary["checkpoints"] = {task: {str(path): found for path, found in checkpoints.items()}
-                                  for task, checkpoints in per_checkpoint.items()}
+        summary["checkpoints"] = {task: {str(path): found for path, found in folders.items()}
+                                  for task, folders in per_folder.items()}
     table = glue_tasks.results_table(summary)
     write_json(Path(args.output_dir) / RESULTS_JSON, summary)
     atomic_write(Path(args.output_dir) / TABLE_MD, lambda tmp: tmp.write_text(table, encoding="utf-8"))

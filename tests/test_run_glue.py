@@ -188,6 +188,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(glue_setup, tmp_path, caps
     assert line.startswith("error: GLUE task MRPC: no file") and line.endswith("dev.tsv'")
 
     glue_assets.write_glue_task(data, "mrpc", n_train=4, n_dev=2)
+    line = run_in_process([*student, "--data_dir", str(data / "MRPC"), "--output_dir", str(data)], capsys)
+    assert line.startswith(f"error: --output_dir {str(data)!r} holds --data_dir {str(data / 'MRPC')!r}")
     three_labels = save_classifier(tmp_path / "three", glue_setup["tokenizer"], 3)
     line = run_in_process([*student, "--data_dir", str(data), "--task_name", "mrpc", "--teacher_type", "bert",
                            "--teacher_name_or_path", str(three_labels)], capsys)
@@ -200,3 +202,13 @@ def test_bad_input_is_one_line_and_nothing_is_written(glue_setup, tmp_path, caps
                            "--teacher_name_or_path", str(other_vocabulary)], capsys)
     assert "vocabulary has" in line and "distillation needs a teacher and a student of the same tokenizer" in line
     assert not out.exists()
+
+
+def test_evaluation_alone_scores_a_given_model_per_task_as_its_own_run_did(glue_setup, teachers, tmp_path, capsys):
+    out = tmp_path / "scores"
+    summary = glue.main(["--model_type", "bert", "--model_name_or_path", str(teachers[0]), "--data_dir",
+                         str(glue_setup["glue"]), "--output_dir", str(out), "--do_eval", *FAST])
+    assert summary["tasks"] == json.loads((teachers[0] / "glue_results.json").read_text())["tasks"]
+    assert sorted(path.name for path in out.iterdir()) == ["MRPC", "STS-B", "glue_results.json", "glue_table.md"]
+    assert (out / "MRPC" / "eval_results.txt").read_text() == (teachers[0] / "MRPC" / "eval_results.txt").read_text()
+    assert not (teachers[0] / "MRPC" / "checkpoint-1").exists()  # nothing written into the evaluated model
