@@ -10,7 +10,8 @@ For each task: a WordPiece tokenizer trained on its training text; a teacher (BE
 weights) fine-tuned on the whole training set; one student start (DistilBERT, 2 layers, width 64, random
 weights, saved once). The teacher has had more, as in the paper's regime: four times the students' data. For
 each seed the student is fine-tuned from that start on a quarter of the training set for 10 epochs, twice: with
-the teacher (--alpha_ce 0.5 --alpha_task/--alpha_squad 0.5 --temperature 2, the original's defaults) and without: the same seed gives both runs the same new head, the same batches and the same dropout.
+the teacher (--alpha_ce 0.5 --alpha_task/--alpha_squad 0.5 --temperature 2, the original's defaults) and
+without. The same seed gives both runs the same new head, the same batches and the same dropout.
 
 Printed: the teacher's dev figure; per seed both students' dev accuracy (classification) or F1 (QA) and their
 difference, every seed listed whether distillation wins or not; the mean difference with its 95 % t-interval.
