@@ -88,7 +88,6 @@ class CheckpointManager:
         state = full_state_dict(self.student)
         if not self.is_master:
             return
-        self._discard_previous_run()
         atomic_write(self.dump_path / "config.json", self.student.config.to_json_file)
         atomic_write(self.dump_path / checkpoint_name, partial(torch.save, state))
 
@@ -106,11 +105,7 @@ class CheckpointManager:
         state_dict = full_state_dict(self.student) if self.sharded else None  # None: the model's own
         if not self.is_master:
             return
-        if self.student.can_generate():  # the token ids only: no training-time output flags
-            self.student.generation_config = GenerationConfig(**{
-                name: getattr(self.student.config, name) for name in GENERATION_TOKEN_IDS
-                if getattr(self.student.config, name, None) is not None
-            })
+        self._set_generation_config()
         card = render_model_card(self.params, self.student, steps, last_evaluation)
         with (
             reported_as_write_error(self.dump_path),
@@ -124,8 +119,44 @@ class CheckpointManager:
             for file in Path(tmp).iterdir():
                 publish(file, self.dump_path / file.name)
 
+    def _set_generation_config(self) -> None:
+        """Give a generative student the generation config its folder gets: the token ids only, no
+        training-time output flags."""
+        if self.student.can_generate():
+            self.student.generation_config = GenerationConfig(**{
+                name: getattr(self.student.config, name) for name in GENERATION_TOKEN_IDS
+                if getattr(self.student.config, name, None) is not None
+            })
+
+    def check_export(self) -> None:
+        """Before training (master only): save the config and the tokenizer into a temporary folder, as `export`
+        will, so that what save_pretrained refuses (an invalid generation config, a tokenizer that cannot be
+        saved) stops the run before it starts, not after its last epoch.
+
+        Raises:
+            UserError: naming what save_pretrained refused.
+        """
+        if not self.is_master:
+            return
+        with tempfile.TemporaryDirectory(prefix="distillation-export-check.") as tmp:
+            try:
+                self._set_generation_config()
+                self.student.config.save_pretrained(tmp)
+                if self.student.can_generate():
+                    self.student.generation_config.save_pretrained(tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+            except OSError as err:  # the temporary folder's disk, not the export's
+                logger.warning(f"Could not try the final export before training ({err}); it is checked at the end")
+            except Exception as err:
+                reason = " ".join(str(err).split())[:300]
+                raise UserError(
+                    f"the finished student could not be saved as a model folder: {reason}; fix --student_config "
+                    "(or the teacher's tokenizer) before training"
+                ) from err
+
     def _discard_previous_run(self) -> None:
-        """Before the first save: delete the previous run that --force set aside (master only)."""
+        """After the first training state: delete the previous run that --force set aside (master only)."""
         if self.previous_run is not None:
             self.previous_run.discard()
             self.previous_run = None
@@ -167,7 +198,6 @@ class CheckpointManager:
                 candidate for k in range(len(taken) + 1)
                 if (candidate := f"{TRAINING_STATE_SHARDS}.{iteration}" + (f"-{k}" if k else "")) not in taken
             )
-            self._discard_previous_run()
             tmp = self.dump_path / f"{TMP_PREFIX}{name[0]}{TMP_SUFFIX}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
@@ -206,6 +236,7 @@ class CheckpointManager:
             "rng": rng_states,  # by global rank
         }
         atomic_write(self.dump_path / TRAINING_STATE, partial(torch.save, state))
+        self._discard_previous_run()  # only now: until this run can be resumed, the previous one can come back
 
     def restore(self, state: dict) -> dict:
         """Take up a training state: weights, what the loss trains, optimizer, schedule, scaler.

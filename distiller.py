@@ -3,7 +3,9 @@
 `Distiller.train()` reads top to bottom: batch -> prepare_batch -> step (forward, losses, backward,
 optimizer step at the accumulation boundary) -> log -> checkpoint. What is logged and how is metrics.py's
 (`MetricsLogger`); which files are written and how is checkpointing.py's (`CheckpointManager`): the
-trainer decides when, and knows its position in the data.
+trainer decides when, and knows its position in the data. With --fsdp the models are sharded first
+(sharding.py) and the same loop runs: only how gradients are synchronised and the teacher's LM head is read
+differ, in `_gradient_sync` and `_teacher_output`.
 
 Runs survive interruptions: at every checkpoint and epoch end a training state is saved too, from which
 `Distiller(..., training_state=...)` continues bit for bit; SIGTERM/SIGINT stop the run at the next
@@ -238,7 +240,7 @@ def _build_dataloader(params: Namespace, dataset: "LmSeqsDataset") -> tuple[Samp
 
 
 class _StopSignals:
-    """While active, SIGTERM and SIGINT ask the training loop to stop at its next optimizer step.
+    """While active, SIGTERM, SIGHUP and SIGINT ask the training loop to stop at its next optimizer step.
 
     Preemption (SLURM, Kubernetes, torchrun stopping its workers) sends SIGTERM and waits a grace
     period before SIGKILL: the loop saves its training state at the next optimizer step and stops.
@@ -246,7 +248,7 @@ class _StopSignals:
     Handlers can only be installed from the main thread; elsewhere signals keep their behaviour.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: the terminal or the session closed
 
     def __init__(self):
         self.received = 0  # number of the last signal received; 0: none

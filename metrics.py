@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from scripts.file_safety import reported_write
 from sharding import full_tensor
 from utils import logger
 
@@ -95,15 +96,17 @@ class MetricsLogger:
         logger.info("--- Initializing Tensorboard")
         if purge_step is not None:
             _wait_to_name_after_existing_event_files(self.log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=60, purge_step=purge_step)
+        with reported_write(self.log_dir):
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=60, purge_step=purge_step)
         self.last_log = time.time()
 
     def log_config(self, params_text: str, student_config: str) -> None:
         """Write the training parameters and the student config as tensorboard text at step 0 (master only)."""
         if not self.is_master:
             return
-        self.writer.add_text("config/training", _as_markdown_code(params_text), 0)
-        self.writer.add_text("config/student", _as_markdown_code(student_config), 0)
+        with reported_write(self.log_dir):
+            self.writer.add_text("config/training", _as_markdown_code(params_text), 0)
+            self.writer.add_text("config/student", _as_markdown_code(student_config), 0)
 
     def progress(self, batches: Iterable, done: int, total: int) -> tqdm:
         """The epoch's progress bar over `batches` (shown on the master only), starting at `done` of `total`."""
@@ -122,6 +125,7 @@ class MetricsLogger:
         """
         if not self.is_master:
             return
+        # One host read for every tensor-valued scalar of this log.
         scalars = dict(zip(tensors, torch.stack([t.float() for t in tensors.values()]).tolist()))
         elapsed = time.time() - self.last_log
         scalars["learning_rate/lr"] = learning_rate
@@ -129,8 +133,9 @@ class MetricsLogger:
         scalars["global/speed"] = elapsed  # seconds since the last log
         # [+] Real (non-padding) tokens of every process, estimated from this one's.
         scalars["global/tokens_per_second"] = self.n_tokens_since_log * self.world_size / max(elapsed, 1e-9)
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag=tag, scalar_value=value, global_step=step)
+        with reported_write(self.log_dir):
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag=tag, scalar_value=value, global_step=step)
         iter_bar.set_postfix(
             {
                 "Last_loss": f"{scalars['losses/loss']:.2f}",
@@ -144,23 +149,27 @@ class MetricsLogger:
         """Write the epoch's average loss as `epoch/loss` (master only)."""
         if not self.is_master:
             return
-        self.writer.add_scalar(tag="epoch/loss", scalar_value=average_loss, global_step=epoch)
+        with reported_write(self.log_dir):
+            self.writer.add_scalar(tag="epoch/loss", scalar_value=average_loss, global_step=epoch)
 
     def log_evaluation(self, step: int, figures: Mapping[str, float]) -> None:
         """Write held-out figures as `eval/<name>` and log them in one line (master only)."""
         if not self.is_master:
             return
-        for name, value in figures.items():
-            self.writer.add_scalar(tag=f"eval/{name}", scalar_value=value, global_step=step)
+        with reported_write(self.log_dir):
+            for name, value in figures.items():
+                self.writer.add_scalar(tag=f"eval/{name}", scalar_value=value, global_step=step)
         logger.info(f"Evaluation at iteration {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
 
     def flush(self) -> None:
         """Put the events logged so far on disk (before a training state: they survive a kill, as it does)."""
-        self.writer.flush()
+        with reported_write(self.log_dir):
+            self.writer.flush()
 
     def close(self) -> None:
         """Flush and close the tensorboard writer."""
-        self.writer.close()
+        with reported_write(self.log_dir):
+            self.writer.close()
 
 
 def _wait_to_name_after_existing_event_files(log_dir: Path) -> None:

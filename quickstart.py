@@ -27,7 +27,6 @@ import os
 import random
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,9 +38,10 @@ from pathlib import Path
 
 from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, ArgumentParser, number, positive_int
 from scripts.file_safety import check_outputs_apart
-from run_folder import check_force_target
+from run_folder import PreviousRun, RunFolderLock, check_force_target, create_run_folder, recover
 from utils import (
-    TMP_PREFIX, TMP_SUFFIX, UserError, atomic_write, load_tokenizer, logger, run_command, write_json,
+    TMP_PREFIX, TMP_SUFFIX, UserError, atomic_write, load_tokenizer, logger, reported_as_write_error, run_command,
+    write_json,
 )
 
 REPO = Path(__file__).resolve().parent
@@ -55,14 +55,16 @@ DISTILLED_ALPHAS = ("--alpha_ce", 5.0, "--alpha_clm", 2.0, "--alpha_cos", 1.0)
 NO_TEACHER_ALPHAS = ("--alpha_ce", 0.0, "--alpha_clm", 2.0, "--alpha_cos", 0.0)
 STUDENT_DROPOUT = 0.1  # distilgpt2.json's
 N_CURVE_POINTS = 10  # held-out evaluations per student run
-# What a quickstart writes in --output_dir: --force replaces a folder that holds nothing else.
+QUICKSTART_RUN = "quickstart.py"  # the kind of run its --output_dir marker names
+QUICKSTART_RECORDS = ("data", "logs")  # what a quickstart's folder from before markers must hold
+# What a quickstart writes in --output_dir: a folder from before markers is replaced only if it holds nothing else.
 OUTPUTS = (
     "data", "logs", "tokenizer", "teacher", "teacher_init", "student_config.json", "student_init.pth", "distilled",
     "no_teacher", "results.md", "results.json", "training_curves.png", f"{TMP_PREFIX}*{TMP_SUFFIX}",
 )
 LEARNING_RATE = number(float, *LEARNING_RATE_RANGE, low_open=True)  # as train.py takes it, but > 0
-# Exit statuses of a step stopped by SIGINT or SIGTERM (train.py's 130 and 143, or the signal itself).
-INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}
+# Exit statuses of a step stopped by SIGHUP, SIGINT or SIGTERM (train.py's 129, 130 and 143, or the signal itself).
+INTERRUPTED = {129, 130, 143, -signal.SIGHUP, -signal.SIGINT, -signal.SIGTERM}
 
 
 def stdlib_docstring_corpus() -> list[str]:
@@ -208,14 +210,19 @@ def student_layer_indices(args: argparse.Namespace) -> list[int]:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse what the flag types alone cannot: combinations, and an --output_dir that is not ours to replace.
 
-    --force replaces only a folder that is empty or holds what a quickstart writes (OUTPUTS), never a
-    source tree or the user's own files.
+    --force replaces only a folder that is empty or a quickstart's (run_folder.check_force_target), never a
+    source tree, a model folder or the user's own files.
     """
     if args.hidden % args.heads:
         raise UserError(f"--heads {args.heads} must divide --hidden {args.hidden}")
     student_layer_indices(args)
     check_outputs_apart({"--output_dir": args.output_dir}, {"--text_file": args.text_file, "--teacher_name": args.teacher_name})
-    check_force_target(Path(args.output_dir).resolve(), args.force, "--output_dir", OUTPUTS)
+    check_output_dir(args, Path(args.output_dir).resolve())
+
+
+def check_output_dir(args: argparse.Namespace, out: Path) -> None:
+    """Refuse an --output_dir that exists, unless --force is given and it is a quickstart's folder."""
+    check_force_target(out, args.force, "--output_dir", QUICKSTART_RUN, OUTPUTS, QUICKSTART_RECORDS)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -240,10 +247,11 @@ def cpu_seconds() -> float:
 
 @contextmanager
 def timed(timings: dict[str, dict[str, float]], step: str) -> Iterator[None]:
-    """Record the wall-clock and CPU seconds of the block as `timings[step]`."""
+    """Add the wall-clock and CPU seconds of the block to `timings[step]`."""
     wall, cpu = time.monotonic(), cpu_seconds()
     yield
-    timings[step] = {"wall_s": time.monotonic() - wall, "cpu_s": cpu_seconds() - cpu}
+    before = timings.get(step, {"wall_s": 0.0, "cpu_s": 0.0})
+    timings[step] = {"wall_s": before["wall_s"] + time.monotonic() - wall, "cpu_s": before["cpu_s"] + cpu_seconds() - cpu}
 
 
 def python(script: Path, *args: object) -> list[str]:
@@ -381,13 +389,23 @@ def read_splits(args: argparse.Namespace) -> dict[str, list[str]]:
     }
 
 
+def start_output_dir(args: argparse.Namespace, out: Path, lock: RunFolderLock) -> PreviousRun | None:
+    """(Re)create `out`, marked and locked; a previous quickstart's folder is set aside whole (one rename) until
+    this one ends. Called once the corpus and any --teacher_name have loaded: a bad input leaves it alone."""
+    with reported_as_write_error(out):
+        recover(out, QUICKSTART_RUN, "results.json")
+    if out.is_dir():
+        lock.acquire()
+        check_output_dir(args, out)
+    return create_run_folder(out, QUICKSTART_RUN, lock)
+
+
 def write_splits(out: Path, splits: dict[str, list[str]]) -> None:
-    """(Re)create `out` with the splits in out/data. Called once the corpus and any --teacher_name have
-    loaded: a bad input leaves a previous quickstart's folder alone."""
+    """Write the splits in out/data."""
     train_lines, held_out_lines = splits["train"], splits["held_out"]
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "data").mkdir(parents=True)
-    (out / "logs").mkdir()
+    with reported_as_write_error(out):
+        (out / "data").mkdir()
+        (out / "logs").mkdir()
     for name, lines in splits.items():
         write_text(out / "data" / f"{name}.txt", "\n".join(lines) + "\n")
     logger.info(
@@ -449,22 +467,40 @@ def train_students(
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_args(args)
-    env = child_environment(args.threads)
     out = Path(args.output_dir).resolve()
     timings: dict[str, dict[str, float]] = {}
 
+    tokenizer = None
     with timed(timings, "corpus and tokenizer"):
         splits = read_splits(args)
         import torch
-        from transformers import AutoTokenizer
 
         torch.set_num_threads(args.threads)
         if args.teacher_name:
+            tokenizer = load_tokenizer(args.teacher_name, "--teacher_name")  # before --output_dir is replaced
+    with RunFolderLock(out) as lock:
+        previous_run = start_output_dir(args, out, lock)
+        try:
+            results = run_steps(args, out, splits, tokenizer, timings)
+        except BaseException:
+            if previous_run is not None:
+                previous_run.restore()
+            raise
+        if previous_run is not None:
+            previous_run.discard()
+    return results
+
+
+def run_steps(args: argparse.Namespace, out: Path, splits: dict, tokenizer, timings: dict) -> dict:
+    """Every step after the output folder is made: tokenizer, data, teacher, student, training, report."""
+    from transformers import AutoTokenizer
+
+    env = child_environment(args.threads)
+    with timed(timings, "corpus and tokenizer"):
+        write_splits(out, splits)
+        if args.teacher_name:
             tokenizer_name = args.teacher_name
-            tokenizer = load_tokenizer(tokenizer_name, "--teacher_name")  # before write_splits replaces --output_dir
-            write_splits(out, splits)
         else:
-            write_splits(out, splits)
             tokenizer_dir = train_bpe_tokenizer(splits["train"], args.vocab_size, args.max_length, out / "tokenizer")
             tokenizer_name = str(tokenizer_dir)
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)

@@ -105,8 +105,8 @@ def load_squad_tokenizer(args: Namespace) -> PreTrainedTokenizerBase:
 
 def check_positions(args: Namespace, model: nn.Module, what: str) -> None:
     """Refuse a --max_seq_length past the positions `model` can embed (it would fail at the first batch)."""
-    limit = position_limit(model, model.config)
-    if limit is not None and args.max_seq_length > limit:
+    limit = position_limit(model, model.config)  # None, or -1 (XLNet's config): no limit from positions
+    if limit is not None and 0 < limit < args.max_seq_length:
         raise UserError(f"--max_seq_length {args.max_seq_length} is more than the {limit} positions of {what}; lower it")
 
 
@@ -205,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     tokenizer = load_squad_tokenizer(args)
 
     results: dict[str, float] = {}
+    eval_features = None
     if args.do_train:
         student = task_training.load_task_model(AutoModelForQuestionAnswering, args.model_type, args.model_name_or_path,
                                                 "--model_name_or_path", config_name=args.config_name,
@@ -225,13 +226,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                     squad_loss(args), tokenizer, evaluate_during_training if eval_examples else None)
         logger.info(f"global_step = {steps}")
     if args.do_eval and args.is_master:
-        eval_features = load_or_build_features(predict_file, eval_examples, tokenizer, args, False, True)
         for folder in folders_to_evaluate(args):
             step = task_training.checkpoint_step(folder)
             prefix = "" if step is None else str(step)
             model = task_training.load_task_model(AutoModelForQuestionAnswering, args.model_type, str(folder),
                                                   "the model to evaluate")
             check_positions(args, model, f"the model to evaluate ({str(folder)!r})")
+            if eval_features is None:  # built once the first model passed its checks
+                eval_features = load_or_build_features(predict_file, eval_examples, tokenizer, args, False, True)
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             scores = evaluate(args, model.to(args.device), eval_examples, eval_features, prefix)
             write_json(Path(args.output_dir) / f"eval_results{prefix}.json", scores)

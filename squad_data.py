@@ -65,7 +65,7 @@ def _field(record: dict, key: str, kind: type, where: str, path: str) -> object:
 
 def read_squad_examples(path: str, training: bool, version_2: bool) -> list[SquadExample]:
     """Every question of a SQuAD JSON file, checked: one line for malformed JSON, a missing field, an answer that
-    is not at its place in its context, or (training, v1.1) a question without an answer.
+    is not at its place in its context, or a question without an answer that is not marked unanswerable (v2.0).
 
     Args:
         path: the official layout: {"data": [{"paragraphs": [{"context", "qas": [{"id", "question", "answers":
@@ -98,7 +98,7 @@ def read_squad_examples(path: str, training: bool, version_2: bool) -> list[Squa
                                         f"at answer_start {start}; fix the file's answer_start or text")
                     texts.append(text)
                     starts.append(start)
-                if training and not texts and not is_impossible:
+                if not texts and not is_impossible:  # nothing to train on, nothing to score against
                     hint = "" if version_2 else " (a SQuAD v2.0 file needs --version_2_with_negative)"
                     raise UserError(f"{path!r}: question {qas_id!r} has no answer{hint}")
                 examples.append(SquadExample(qas_id, question, context, texts, starts, is_impossible))
@@ -189,7 +189,10 @@ def cache_path(input_file: str, training: bool, model_name_or_path: str, max_seq
 def _fingerprint(input_file: str, tokenizer: PreTrainedTokenizerBase, settings: dict) -> str:
     """A digest of what the features depend on: the input's size and time, the tokenizer, the settings."""
     stat = os.stat(input_file)
-    tokenizer_state = json.dumps(tokenizer.get_vocab(), sort_keys=True) + tokenizer.backend_tokenizer.to_str()
+    # The backend's own truncation and padding settings change with every call: they are not what it tokenizes.
+    backend = {key: value for key, value in json.loads(tokenizer.backend_tokenizer.to_str()).items()
+               if key not in ("truncation", "padding")}
+    tokenizer_state = json.dumps([tokenizer.get_vocab(), backend], sort_keys=True)
     text = json.dumps([CACHE_FORMAT, stat.st_size, stat.st_mtime_ns, settings], sort_keys=True) + tokenizer_state
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -38,9 +38,9 @@ written to a temporary name and renamed, so a crash never damages one. The maste
 while it runs: a second run into the same folder stops with an error.
 
 Interrupted runs continue where they stopped, bit for bit: run the same command with --resume instead
-of --force (the same launcher and number of processes too). SIGTERM or SIGINT (Ctrl-C) makes a run save
-its training state at the next optimizer step and exit with status 143 or 130; a killed run (kill -9,
-power cut) loses only the iterations since its last checkpoint:
+of --force (the same launcher and number of processes too). SIGTERM, SIGHUP or SIGINT (Ctrl-C) makes a
+run save its training state at the next optimizer step and exit with status 143, 129 or 130; a killed run
+(kill -9, power cut) loses only the iterations since its last checkpoint:
     python train.py --n_gpu 0 --dump_path serialization_dir/cpu_run ... --resume
 """
 
@@ -79,6 +79,7 @@ from transformers import (
 )
 
 import run_folder
+from checkpointing import CheckpointManager
 from distiller import LOSS_TERMS, TEACHER_TERMS, Distiller
 from evaluation import Evaluator, build_eval_batches, check_token_ids, load_binarized_data, load_token_file
 from lm_seqs_dataset import LmSeqsDataset
@@ -92,9 +93,9 @@ from scripts.cli_flags import (
     non_negative_int,
     out_of_range,
 )
-from scripts.file_safety import check_model_folder, check_outputs_apart
+from scripts.file_safety import check_fits_in_memory, check_model_folder, check_outputs_apart, fingerprint, read_json_object
 from scripts.model_families import auto_markers, position_limit, vocabulary_size
-from scripts.token_data import load_token_counts
+from scripts.token_data import is_mmap_file, load_token_counts, mmap_files
 from training_state import TRAINING_STATE, load_training_state
 from utils import (
     DIST_TIMEOUT_S,
@@ -484,6 +485,47 @@ def sanity_checks(args: Namespace) -> None:
     check_outputs_apart({"--dump_path": args.dump_path}, {flag: getattr(args, flag[2:]) for flag in INPUT_FLAGS})
 
 
+DATA_FINGERPRINT = "data_fingerprint.json"
+FINGERPRINTED_FLAGS = ("--data_file", "--token_counts")  # what a resumed run must read again, unchanged
+
+
+def data_fingerprints(args: Namespace) -> dict[str, dict]:
+    """{flag: {file: fingerprint}} of the data a run trains on (a memory-mapped --data_file: its three files)."""
+    fingerprints = {}
+    for flag in FINGERPRINTED_FLAGS:
+        path = getattr(args, flag[2:])
+        if path is None:
+            continue
+        files = mmap_files(path).values() if is_mmap_file(path) else [path]
+        try:
+            fingerprints[flag] = {Path(file).name: fingerprint(file) for file in files}
+        except OSError as err:
+            raise UserError(f"could not read {flag} {path!r}: {err.strerror or err}") from err
+    return fingerprints
+
+
+def check_same_data(args: Namespace) -> None:
+    """For --resume: the data files are those the run started on (their fingerprints, saved at its start).
+
+    Raises:
+        UserError: naming the flag whose file changed, and how to start afresh.
+    """
+    saved_file = Path(args.dump_path) / DATA_FINGERPRINT
+    if not saved_file.is_file():
+        logger.warning(f"--resume: {str(saved_file)!r} is missing (a run from an earlier version): the data files "
+                       "cannot be checked to be the ones the run started on")
+        return
+    saved = read_json_object(saved_file, {flag: dict for flag in FINGERPRINTED_FLAGS}, f"--resume: {str(saved_file)!r}")
+    now = data_fingerprints(args)
+    for flag in FINGERPRINTED_FLAGS:
+        if saved.get(flag) != now.get(flag):
+            raise UserError(
+                f"--resume: {flag} {getattr(args, flag[2:])!r} is not the data this run started on (its size or "
+                f"content differs from {DATA_FINGERPRINT}); put the original file back, or start afresh on this one "
+                "with --force instead of --resume"
+            )
+
+
 def check_resume(args: Namespace) -> None:
     """For --resume: --dump_path holds a run with a training state, whose shaping flags equal these.
 
@@ -503,12 +545,13 @@ def check_resume(args: Namespace) -> None:
             f"--resume: {args.dump_path!r} holds no {TRAINING_STATE} yet (one is saved every --checkpoint_interval "
             "iterations and at each epoch end); start the run again with --force"
         )
-    try:
-        saved = json.loads(parameters_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"--resume: could not read {str(parameters_file)!r}: {err}") from err
+    saved = read_json_object(
+        parameters_file, {"world_size": int, "max_model_input_size": (int, type(None)), "seed": int},
+        f"--resume: {str(parameters_file)!r}",
+    )
     if args.max_model_input_size is None:
         args.max_model_input_size = saved.get("max_model_input_size")
+    check_same_data(args)
 
     parser = build_parser()
     shaping = [action.dest for action in parser._actions if action.dest not in ("help", *NOT_COMPARED_ON_RESUME)]
@@ -643,14 +686,52 @@ def read_student_config(args: Namespace) -> PretrainedConfig:
     return config
 
 
-def build_student(args: Namespace) -> nn.Module:
+def estimated_parameters(config: PretrainedConfig) -> int:
+    """About how many parameters a transformer of `config` has, read before building it: per layer the
+    attention (4 h^2) and the feed-forward (2 h ff), plus the vocabulary and position embeddings."""
+
+    def first(*names: str, default: int = 0) -> int:
+        values = (getattr(config, name, None) for name in names)
+        return next((value for value in values if isinstance(value, int) and not isinstance(value, bool)), default)
+
+    hidden = first("hidden_size", "n_embd", "d_model", "dim", default=1)
+    feed_forward = first("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", default=4 * hidden)
+    layers = first("num_hidden_layers", "n_layer", "n_layers", "num_layers", default=1)
+    embeddings = first("vocab_size") + first("max_position_embeddings", "n_positions")
+    return layers * (4 * hidden * hidden + 2 * hidden * feed_forward) + embeddings * hidden
+
+
+# Bytes per student parameter while training in float32: weights, gradients and AdamW's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+MAX_STUDENT_TO_TEACHER = 4  # a student this many times its teacher's size is a mistyped config, not a student
+
+
+def check_student_size(args: Namespace, config: PretrainedConfig, teacher_config: PretrainedConfig | None) -> None:
+    """Refuse, before building it, a student far larger than its teacher or than the memory available."""
+    n_student = estimated_parameters(config)
+    what = f"the student of --student_config {args.student_config!r} (about {n_student / 1e6:.0f}M parameters)"
+    if teacher_config is not None:
+        n_teacher = estimated_parameters(teacher_config)
+        if n_student > MAX_STUDENT_TO_TEACHER * max(n_teacher, 1):
+            raise UserError(
+                f"{what} is more than {MAX_STUDENT_TO_TEACHER} times the size of its teacher (about "
+                f"{n_teacher / 1e6:.1f}M); check its number of layers and widths"
+            )
+    check_fits_in_memory(n_student * TRAINING_BYTES_PER_PARAMETER, f"training {what}",
+                         "check its number of layers and widths, or use a machine with more memory")
+
+
+def build_student(args: Namespace, teacher_config: PretrainedConfig | None = None) -> nn.Module:
     """The student from --student_config, initialised from --student_pretrained_weights if given.
+
+    Its size is bounded first (`check_student_size`, against `teacher_config` when given).
 
     Starting weights must cover most of the student (MIN_WEIGHT_COVERAGE of its tensors) and be finite:
     a checkpoint of another model (the teacher's, a GPT-2's for a DistilBERT, a training state) would
     otherwise leave it at random initialisation with two warnings.
     """
     config = read_student_config(args)
+    check_student_size(args, config, teacher_config)
     _, model_class = model_classes(args.student_type, args.mlm)
     build = model_class.from_config if args.student_type == AUTO else model_class
     weights = args.student_pretrained_weights
@@ -795,8 +876,11 @@ def check_run_length(args: Namespace, batches_per_epoch: int) -> None:
         )
 
 
-def prepare_run_folder(args: Namespace, lock: RunFolderLock, run_files: set[str]) -> run_folder.PreviousRun | None:
-    """The master prepares --dump_path (run_folder.prepare); every process learns whether it could.
+def prepare_run_folder(
+    args: Namespace, lock: RunFolderLock, run_files: set[str], checkpoints: CheckpointManager
+) -> run_folder.PreviousRun | None:
+    """The master tries the final export on the tokenizer and config, then prepares --dump_path
+    (run_folder.prepare, with the data's fingerprints); every process learns whether it could.
 
     A failure on the master alone would leave the other processes waiting in their first collective
     until --dist_timeout: they stop with it instead.
@@ -807,7 +891,9 @@ def prepare_run_folder(args: Namespace, lock: RunFolderLock, run_files: set[str]
     error = previous_run = None
     if args.is_master:
         try:
-            previous_run = run_folder.prepare(args, lock, run_files)
+            checkpoints.check_export()
+            records = {} if args.resume else {DATA_FINGERPRINT: data_fingerprints(args)}
+            previous_run = run_folder.prepare(args, lock, run_files, records)
         except UserError as err:
             error = err
     if args.multi_gpu:
@@ -864,7 +950,7 @@ def run(args: Namespace) -> None:
 
         data = load_binarized_data(args.data_file, "--data_file")
         counts = load_token_file(load_token_counts, args.token_counts, "--token_counts") if args.mlm else None
-        student = build_student(args)
+        student = build_student(args, teacher_config)
         freeze_embeddings(student, args)
         check_compatibility(student, teacher, teacher_config, counts)
         vocab_size = vocabulary_size(student, student.config)
@@ -879,13 +965,13 @@ def run(args: Namespace) -> None:
         del training_state  # taken up: free this copy of the weights and optimizer state before training
         check_run_length(args, distiller.batches_per_epoch)
 
-        previous_run = prepare_run_folder(args, lock, run_files)
+        previous_run = prepare_run_folder(args, lock, run_files, distiller.checkpoints)
         try:
             distiller.train(previous_run)
         except BaseException:
-            distiller.close()  # the tensorboard files first: restoring removes them
-            if previous_run is not None:
+            if previous_run is not None:  # first: closing the writers may fail too (a full disk)
                 previous_run.restore()
+            distiller.close()
             raise
         distiller.close()
         if previous_run is not None:  # already gone unless the run ended without writing anything

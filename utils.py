@@ -134,7 +134,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT stopped the run after it saved its training state; exit status 128 + signal number.
+    """SIGTERM, SIGHUP or SIGINT stopped the run after it saved its training state; exit status 128 + signal number.
 
     Args:
         signum: the signal that asked for the stop (on any process of the run).

@@ -15,7 +15,7 @@ from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from pathlib import Path
 
-from file_safety import UserError, reported_write, temporary_beside
+from file_safety import UserError, discard_temporary, reported_write, temporary_beside
 from token_data import TokenDataError
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - PID: %(process)d - %(message)s"
@@ -99,7 +99,7 @@ def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
                 os.replace(tmp, target)
     finally:
         for tmp in tmps:
-            tmp.unlink(missing_ok=True)
+            discard_temporary(tmp)
 
 
 def bounded_map(executor: Executor, fn: Callable, items: Iterable, depth: int) -> Iterator:

@@ -12,7 +12,7 @@ standard library only. The API:
 - `reported_write(path)`: a context manager turning any failed write in it (OSError, or torch's and
   safetensors' errors carrying one) into `WriteError("could not write PATH: REASON")`.
 - `atomic_write(path, write)`: `write(tmp)` on a temporary beside `path`, fsynced and renamed over it;
-  `temporary_beside`, `publish` and `remove_stale_temporaries` are its parts.
+  `temporary_beside`, `publish`, `discard_temporary` and `remove_stale_temporaries` are its parts.
 - `read_json_object(path, fields, what)`: a JSON object whose fields have the given types, else one line
   naming the file and the field; `check_model_folder(path, flag)` applies it (and a UTF-8 check on the
   vocabulary files) to a local model or tokenizer folder before a library reads it.
@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -137,6 +137,12 @@ def temporary_beside(target: PathLike) -> Path:
     return tmp
 
 
+def discard_temporary(tmp: Path) -> None:
+    """Delete a temporary if it is still there; a folder that refuses it (read-only) keeps it, ignored by readers."""
+    with suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
 def publish(tmp: Path, target: Path) -> None:
     """Rename the finished file `tmp` to `target` durably: fsync the file, rename, fsync the folder.
 
@@ -165,7 +171,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], object]) -> None:
             write(tmp)
             publish(tmp, target)
         finally:
-            tmp.unlink(missing_ok=True)
+            discard_temporary(tmp)
 
 
 def remove_stale_temporaries(folder: PathLike) -> list[str]:

@@ -1,6 +1,6 @@
 """The GPU step on a real GPU (skipped without one): a few bf16 steps of a tiny pair on CUDA give the
-losses of the fp32 CPU run on the same batches, and the micro-batches inside an accumulation window
-never wait for the device."""
+losses of the fp32 CPU run on the same batches, the micro-batches inside an accumulation window
+never wait for the device, and --fsdp in one process on the GPU gives the unsharded steps."""
 
 import copy
 
@@ -10,6 +10,7 @@ import torch
 import assets
 from distiller import Distiller
 from lm_seqs_dataset import LmSeqsDataset
+from utils import init_gpu_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -82,3 +83,42 @@ def test_micro_batches_inside_a_window_do_not_sync(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     distiller.step(*batch)  # steps: the finite check reads its flags here
     assert distiller.n_optimizer_steps == 2
+
+
+def test_fsdp_in_one_process_on_cuda_equals_the_unsharded_steps(tmp_path):
+    # --fsdp --n_gpu 1 without a launcher: a one-process NCCL group (init_gpu_params), the student and the
+    # teacher sharded on the GPU; the same losses and saved weights as the unsharded GPU run.
+    student = assets.tiny_model("gpt2", "student", VOCAB, 0)
+    teacher = assets.tiny_model("gpt2", "teacher", VOCAB, 1)
+    specials = {"bos_token": 0, "eos_token": 0, "unk_token": 0}
+    data = assets.make_sequences(8, 12, VOCAB, start_id=0, end_id=0)
+    ids = torch.randint(1, VOCAB, (N_STEPS, 2, 12), generator=torch.Generator().manual_seed(0))
+
+    def run(name: str, fsdp: bool) -> tuple[list[float], dict]:
+        dump = tmp_path / name
+        dump.mkdir()
+        params = assets.distiller_params(
+            dump, special_tok_ids=specials, gradient_accumulation_steps=2, alpha_ce=1.0, alpha_clm=1.0,
+            alpha_cos=1.0, warmup_prop=0.0, n_gpu=1, fsdp=fsdp, loss_chunk_size=5,
+        )
+        if fsdp:
+            init_gpu_params(params)
+        params.device = torch.device("cuda", 0)
+        distiller = Distiller(params, LmSeqsDataset(params, data), None, copy.deepcopy(student),
+                              copy.deepcopy(teacher))
+        batches = [distiller.prepare_batch_clm((ids[i], torch.full((2,), 12))) for i in range(N_STEPS)]
+        losses = losses_of_steps(distiller, batches)
+        distiller.save_checkpoint("checkpoint.pth")
+        return losses, torch.load(dump / "checkpoint.pth", weights_only=True)
+
+    plain_losses, plain_weights = run("plain", fsdp=False)
+    try:
+        sharded_losses, sharded_weights = run("sharded", fsdp=True)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert sharded_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert sharded_weights.keys() == plain_weights.keys()
+    for name, value in plain_weights.items():
+        assert sharded_weights[name].device.type == "cpu"
+        torch.testing.assert_close(sharded_weights[name], value.cpu(), rtol=1e-5, atol=1e-6, msg=name)

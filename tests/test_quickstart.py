@@ -169,6 +169,7 @@ def test_force_replaces_only_a_previous_quickstart_folder(contents, tmp_path):
 def test_a_teacher_that_does_not_load_leaves_a_previous_quickstart_folder_alone(tmp_path):
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
+    (out / "logs").mkdir()
     (out / "results.md").write_text("the previous table")
     before = snapshot(out)
     result = subprocess.run(

@@ -217,8 +217,9 @@ def test_a_run_killed_before_its_first_checkpoint_keeps_the_previous_run_for_the
         env={**child_env(repo_root), "FAULT": "sigkill@1"}, capture_output=True, text=True, timeout=300,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    set_aside = run_copy.with_name(run_copy.name + ".previous-run")  # the whole previous run, renamed once
     assert not (run_copy / "training_state.pth").exists()
-    assert (run_copy / ".previous-run" / "training_state.pth").is_file()
+    assert snapshot(set_aside) == before
 
     status, stderr = run_main(with_flags(argv, {"--alpha_ce": "1e38"}), capsys)
     assert status == 1 and "is not finite" in error_line(stderr)
@@ -226,7 +227,7 @@ def test_a_run_killed_before_its_first_checkpoint_keeps_the_previous_run_for_the
 
     status, _ = run_main(argv, capsys)
     assert status == 0
-    assert not (run_copy / ".previous-run").exists()
+    assert not set_aside.exists()
     assert torch.load(run_copy / "training_state.pth", weights_only=True)["counters"]["n_total_iter"] > 0
 
 
@@ -335,6 +336,8 @@ def test_two_runs_started_together_into_one_folder(force, family_inputs, previou
 
 @pytest.mark.parametrize("foreign", [".git", "train.py", "notes.txt", "src"])
 def test_force_refuses_a_folder_that_holds_what_no_run_writes(foreign, run_copy, family_inputs, capsys):
+    """A folder without a run marker (from before markers) that holds more than a run's files."""
+    (run_copy / ".distillation-run.json").unlink()
     path = run_copy / foreign
     if foreign in (".git", "src"):
         path.mkdir()

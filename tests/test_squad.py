@@ -8,6 +8,7 @@
 - The command end to end: a subprocess without a teacher, and torchrun with two gloo processes with one.
 """
 
+import argparse
 import json
 import math
 import subprocess
@@ -262,13 +263,14 @@ def test_distillation_under_torchrun_with_two_gloo_processes(squad_setup, repo_r
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), initial.state_dict().values()))
 
 
-@pytest.mark.parametrize("case", ["malformed", "answer_not_in_context", "vocabulary", "positions"])
+@pytest.mark.parametrize("case", ["malformed", "answer_not_in_context", "vocabulary", "positions", "v2_without_flag"])
 def test_bad_input_is_one_line_and_writes_nothing(case, squad_setup, tmp_path, tokenizer_dirs, capsys):
     data = tmp_path / "data"
     squad = squad_assets.make_squad(2, 0)
     teacher = squad_setup["teacher"]
     expected = {"malformed": "is not valid JSON", "answer_not_in_context": "is not in its context at answer_start",
-                "vocabulary": "vocabulary has", "positions": "is more than the 64 positions of the student"}[case]
+                "vocabulary": "vocabulary has", "positions": "is more than the 64 positions of the student",
+                "v2_without_flag": "has no answer (a SQuAD v2.0 file needs --version_2_with_negative)"}[case]
     if case == "malformed":
         data.mkdir()
         (data / "train-v1.1.json").write_text(json.dumps(squad)[:-5])
@@ -279,7 +281,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, squad_setup, tmp_path, t
             teacher = squad_assets.build_qa_model("bert", tmp_path / "other-teacher", tokenizer_dirs["bert"],
                                                   vocab_size=77)
         squad_assets.write_squad(data / "train-v1.1.json", squad)
-    squad_assets.write_squad(data / "dev-v1.1.json", squad_assets.make_squad(1, 1))
+    squad_assets.write_squad(data / "dev-v1.1.json", squad_assets.make_squad(1, 1, version_2=case == "v2_without_flag"))
     before = sorted(path.name for path in data.iterdir())
     out = tmp_path / "out"
     flags = ["--max_seq_length", "65"] if case == "positions" else []
@@ -404,3 +406,37 @@ def test_questions_are_cut_to_max_query_length_tokens(tokenizer_dirs):
     assert ids[1:first_sep] == tokenizer(question, add_special_tokens=False)["input_ids"][:5]
     start, end = features["start_positions"][0], features["end_positions"][0]
     assert tokenizer.decode(ids[start:end + 1]) == "the model"
+
+
+def test_the_feature_cache_is_reused_rebuilt_when_its_inputs_change_and_never_unpickled(tmp_path, tokenizer_dirs,
+                                                                                         monkeypatch):
+    import squad_data
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dirs["bert"])
+    path = squad_assets.write_squad(tmp_path / "train.json", squad_assets.make_squad(2, 0))
+    examples = squad_data.read_squad_examples(str(path), True, False)
+    builds = []
+    build = squad_data.convert_examples_to_features
+    monkeypatch.setattr(squad_data, "convert_examples_to_features", lambda *a: builds.append(a[3]) or build(*a))
+
+    def features(doc_stride=8, overwrite_cache=False, tokenizer=tokenizer):
+        args = argparse.Namespace(max_seq_length=32, doc_stride=doc_stride, max_query_length=12,
+                                  version_2_with_negative=False, model_name_or_path="models/tiny/",
+                                  overwrite_cache=overwrite_cache)
+        return squad_data.load_or_build_features(str(path), examples, tokenizer, args, True, write_cache=True)
+
+    first = features()
+    cache = tmp_path / "cached_distillation_train_tiny_32.npz"
+    assert cache.is_file() and builds == [8]
+    again = features()
+    assert builds == [8] and all(np.array_equal(first[key], again[key]) for key in first)
+    features(doc_stride=4)
+    features(doc_stride=4, overwrite_cache=True)
+    assert builds == [8, 4, 4]
+    other = AutoTokenizer.from_pretrained(tokenizer_dirs["bert"])
+    other.add_tokens(["zzzunseen"])
+    features(doc_stride=4, tokenizer=other)
+    assert builds == [8, 4, 4, 4]
+    np.savez(cache, fingerprint=np.array([object()], dtype=object), input_ids=np.zeros(1))  # a pickle inside
+    rebuilt = features(doc_stride=4)
+    assert builds == [8, 4, 4, 4, 4] and rebuilt["input_ids"].shape[1] == 32

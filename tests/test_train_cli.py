@@ -85,9 +85,10 @@ def test_run_writes_every_output_file(finished_run):
     kind, dump_path, _ = finished_run
     names = {path.name for path in dump_path.iterdir()}
     expected = {"parameters.json", "git_log.json", "config.json", "checkpoint.pth", "pytorch_model.bin",
-                "model.safetensors", "log", *(f"model_epoch_{e}.pth" for e in range(N_EPOCH))}
+                "model.safetensors", "log", *(f"model_epoch_{e}.pth" for e in range(N_EPOCH)),
+                ".distillation-run.json", "data_fingerprint.json"}  # the run marker, the data's fingerprint
     assert expected <= names
-    assert not [name for name in names if name.startswith(".") or name.endswith(".tmp")]
+    assert not [name for name in names if name.endswith(".tmp") or name.startswith(".") and name not in expected]
     parameters = json.loads((dump_path / "parameters.json").read_text())
     flags = {action.dest for action in train.build_parser()._actions if action.dest != "help"}
     assert flags <= set(parameters)
@@ -272,9 +273,11 @@ def test_fp16_opt_level_is_warned_once_and_a_bad_teacher_is_one_line(family_inpu
 
 
 def _existing_dump(tmp_path):
-    """A previous run's folder (what --force may replace), its final weights the file to keep safe."""
+    """A previous run's folder from before run markers (what --force may replace: it holds a run's records),
+    its final weights the file to keep safe."""
     dump = tmp_path / "dump"
-    dump.mkdir()
+    (dump / "log").mkdir(parents=True)
+    (dump / "parameters.json").write_text("{}")
     (dump / "pytorch_model.bin").write_text("a previous run's weights")
     return dump
 
@@ -284,7 +287,7 @@ def test_existing_dump_path_without_force_is_left_untouched(family_inputs, tmp_p
     result = run_cli(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0"], cwd=tmp_path)
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "already exists; pass --force to replace it")
-    assert [p.name for p in dump.iterdir()] == ["pytorch_model.bin"]
+    assert sorted(p.name for p in dump.iterdir()) == ["log", "parameters.json", "pytorch_model.bin"]
 
 
 def test_force_replaces_only_after_everything_loaded(family_inputs, tmp_path, capsys):
@@ -294,7 +297,7 @@ def test_force_replaces_only_after_everything_loaded(family_inputs, tmp_path, ca
                         "--n_gpu": "0"})
     status, stderr = run_main(argv, capsys)
     assert status == 1 and "differ in vocabulary size" in stderr
-    assert [p.name for p in dump.iterdir()] == ["pytorch_model.bin"]
+    assert sorted(p.name for p in dump.iterdir()) == ["log", "parameters.json", "pytorch_model.bin"]
 
 
 def test_force_refuses_to_delete_the_inputs(family_inputs, tmp_path, capsys):
@@ -338,7 +341,7 @@ def test_a_dump_path_another_process_holds_is_refused_untouched_on_resume(family
         result = run_cli(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0", "--resume"], cwd=tmp_path)
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "is in use by another run that is still going")
-    assert [p.name for p in dump.iterdir()] == ["pytorch_model.bin"]
+    assert sorted(p.name for p in dump.iterdir()) == ["log", "parameters.json", "pytorch_model.bin"]
 
 
 def test_force_does_not_replace_a_dump_path_in_use(family_inputs, tmp_path, capsys):
@@ -347,7 +350,7 @@ def test_force_does_not_replace_a_dump_path_in_use(family_inputs, tmp_path, caps
         status, stderr = run_main(base_argv(family_inputs, "gpt2", dump) + ["--n_gpu", "0", "--force"], capsys)
     assert status == 1
     assert_one_line_error(stderr, "is in use by another run that is still going")
-    assert [p.name for p in dump.iterdir()] == ["pytorch_model.bin"]
+    assert sorted(p.name for p in dump.iterdir()) == ["log", "parameters.json", "pytorch_model.bin"]
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["replaced with --force", "new"])
