@@ -32,13 +32,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
@@ -152,12 +152,22 @@ def squad_texts(squad: dict) -> list[str]:
 # Tokenizer and models.
 
 def wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
-    """A lower-casing BERT-style WordPiece tokenizer trained on `texts`, saved in `out_dir`."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    tokenizer.train_from_iterator(texts, trainer)
+    """A lower-casing BERT-style WordPiece tokenizer for `texts`, saved in `out_dir`.
+
+    Its vocabulary is counted here, not trained: the tokenizers library's WordPiece training breaks ties in a
+    different order from run to run (huggingface/tokenizers#1794), and every figure depends on the vocabulary.
+    It holds the special tokens, every character (alone and as a `##` continuation), then the most frequent
+    words (ties in alphabetical order) up to `vocab_size`; other words are spelled out in characters.
+    """
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for text in texts
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({character for word in counts for character in word})
+    vocab = [*SPECIAL_TOKENS, *characters, *(f"##{character}" for character in characters)]
+    frequent = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
+    vocab += frequent[:max(vocab_size - len(vocab), 0)]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

@@ -18,3 +18,11 @@ def test_the_paired_interval_is_the_t_interval():
     assert (mean, low, high) == pytest.approx((2.0, 2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
     assert second_step.t_quantile_975(40) == pytest.approx(2.021, abs=1e-3)
     assert second_step.t_quantile_975(120) == pytest.approx(1.980, abs=1e-3)
+
+
+def test_the_vocabulary_is_counted_frequent_words_first_ties_alphabetical(tmp_path):
+    tokenizer = second_step.wordpiece_tokenizer(["The dog", "the cat", "cat"], 23, tmp_path)
+    characters = list("acdeghot")
+    expected = [*second_step.SPECIAL_TOKENS, *characters, *(f"##{c}" for c in characters), "cat", "the"]
+    assert sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get) == expected
+    assert tokenizer.tokenize("The dog") == ["the", "d", "##o", "##g"]
