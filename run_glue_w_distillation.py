@@ -347,11 +347,12 @@ def table_row_name(args: Namespace) -> str:
     return f"{name} distilled from {Path(args.teacher_name_or_path.rstrip('/')).name}" if args.teacher_type else name
 
 
-def main(argv: Sequence[str] | None = None) -> dict | None:
-    """Parse, check every input (data, models, teachers) before writing anything, train each task, evaluate,
-    write the table. Returns the results summary (the master's, with --do_eval), else None."""
-    args = build_parser().parse_args(argv)
-    check_args(args)
+def check_inputs(args: Namespace) -> tuple[list[Task], PreTrainedTokenizerBase, dict[str, TaskModels]]:
+    """Read every task's files and load and check every task's models, before anything is written.
+
+    Returns the tasks, the tokenizer, and the first task's models (kept: the others are loaded again in turn,
+    so that one task's models are in memory at a time).
+    """
     if args.do_train:  # --do_eval alone reads --output_dir: it holds the models it evaluates
         check_outputs_apart({"--output_dir": args.output_dir}, {flag: getattr(args, flag[2:]) or None for flag in (
             "--model_name_or_path", "--teacher_name_or_path", "--data_dir", "--train_file", "--predict_file",
@@ -364,22 +365,16 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     checked = {}
     if args.do_train:
         checked = {task.name: load_models(args, task, tokenizer) for task in tasks[:1]}
-        for task in tasks[1:]:  # checked, then let go: one task's models in memory at a time
+        for task in tasks[1:]:
             load_models(args, task, tokenizer)
-    setup_run(args)
+    return tasks, tokenizer, checked
 
-    eval_features = {}
-    for task in tasks:
-        task_args = Namespace(**vars(args))
-        task_args.output_dir = str(task_output_dir(args, task, len(tasks)))
-        features = {split: encode(task, examples, tokenizer, args) for split, examples in task.evals.items()}
-        eval_features[task.name] = features
-        if args.do_train:
-            models = checked.pop(task.name, None) or load_models(task_args, task, tokenizer)
-            train_task(task_args, task, models, tokenizer, features if args.evaluate_during_training else {})
-    if not (args.do_eval and args.is_master):
-        return None
 
+def evaluate_all(args: Namespace, tasks: list[Task], eval_features: dict[str, dict[str, Features]]) -> dict:
+    """Evaluate every task's models, then write eval_results.txt beside each, glue_results.json and glue_table.md.
+
+    Returns the results summary.
+    """
     results, per_folder = {}, {}
     for task in tasks:  # every model evaluated before any result is written
         task_folder = task_output_dir(args, task, len(tasks))
@@ -404,6 +399,31 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     atomic_write(Path(args.output_dir) / TABLE_MD, lambda tmp: tmp.write_text(table, encoding="utf-8"))
     print(table, end="")
     return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Parse, check every input, train each task in turn, evaluate, write the table.
+
+    Returns the results summary (the master's, with --do_eval), else None.
+    """
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    tasks, tokenizer, checked = check_inputs(args)
+    setup_run(args)
+
+    eval_features = {}
+    for task in tasks:
+        task_args = Namespace(**vars(args))
+        task_args.output_dir = str(task_output_dir(args, task, len(tasks)))
+        eval_features[task.name] = {split: encode(task, examples, tokenizer, args)
+                                    for split, examples in task.evals.items()}
+        if args.do_train:
+            models = checked.pop(task.name, None) or load_models(task_args, task, tokenizer)
+            train_task(task_args, task, models, tokenizer,
+                       eval_features[task.name] if args.evaluate_during_training else {})
+    if not (args.do_eval and args.is_master):
+        return None
+    return evaluate_all(args, tasks, eval_features)
 
 
 if __name__ == "__main__":

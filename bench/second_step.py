@@ -4,21 +4,22 @@ against the same student fine-tuned alone, from the same start and on the same b
 Two tasks are built here, deterministic for a Python version:
 - classification: which standard-library package a docstring paragraph comes from (asyncio, email, logging,
   tkinter, xml; parsed with `ast`, as quickstart.py reads them), JSON lines through run_glue_w_distillation.py;
-- extractive QA: templated facts about made-up countries (capital, founding year, ruler, export, river), two
-  countries a context, SQuAD v1.1 JSON through run_squad_w_distillation.py.
-For each task: a WordPiece tokenizer trained on its training text; a teacher (BERT, 4 layers, width 64)
-fine-tuned on the whole training split for longer; one student start (DistilBERT, 2 layers, width 64, random
-weights, saved once). For each seed the student is fine-tuned from that start on a quarter of the training
-split twice, with the teacher (--alpha_ce 0.5 --alpha_task/--alpha_squad 0.5 --temperature 2, the original's
-defaults) and without: the same seed gives both runs the same new head, the same batches and the same dropout.
+- extractive QA: templated facts about made-up countries (capital, founding year, ruler, export, river), the
+  five facts of one country a context in a random order, SQuAD v1.1 JSON through run_squad_w_distillation.py.
+For each task: a WordPiece tokenizer trained on its training text; a teacher (BERT, 4 layers, width 64, random
+weights) fine-tuned on the whole training set; one student start (DistilBERT, 2 layers, width 64, random
+weights, saved once). The teacher has had more, as in the paper's regime: four times the students' data. For
+each seed the student is fine-tuned from that start on a quarter of the training set for 10 epochs, twice: with
+the teacher (--alpha_ce 0.5 --alpha_task/--alpha_squad 0.5 --temperature 2, the original's defaults) and
+without. The same seed gives both runs the same new head, the same batches and the same dropout.
 
 Printed: the teacher's dev figure; per seed both students' dev accuracy (classification) or F1 (QA) and their
 difference, every seed listed whether distillation wins or not; the mean difference with its 95 % t-interval.
 Both task scripts run in this process through their `main(argv)`, so a run costs no interpreter start.
 
 Usage (or as `python -m bench.second_step` from the repository root):
-    python bench/second_step.py                       # 5 seeds, both tasks: about 4 minutes on 2 cores
-    python bench/second_step.py --seeds 10 --tasks qa --threads 4 --work_dir /tmp/second_step
+    python bench/second_step.py                       # 5 seeds, both tasks, one thread: minutes (docs/second-step.md)
+    python bench/second_step.py --seeds 10 --tasks qa --work_dir /tmp/second_step   # keep the models and runs
 """
 
 import argparse
@@ -31,13 +32,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
@@ -55,10 +56,11 @@ DISTILLATION = ["--alpha_ce", "0.5", "--temperature", "2.0"]  # the original's d
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
-# Sizes: (training pool, the students' share of it, dev set, teacher epochs, student epochs, batch size).
+# Sizes: (the teacher's training set, the students' share of it, dev set, teacher epochs, student epochs, batch
+# size); QA sets count contexts (5 questions each).
 SIZES = {
-    "full": {"classification": (800, 200, 200, 8, 10, 16), "qa": (150, 30, 40, 6, 10, 16)},
-    "tiny": {"classification": (40, 20, 20, 1, 1, 8), "qa": (12, 6, 4, 1, 1, 8)},
+    "full": {"classification": (800, 200, 200, 10, 10, 16), "qa": (200, 50, 40, 12, 10, 16)},
+    "tiny": {"classification": (40, 20, 20, 1, 1, 8), "qa": (8, 4, 4, 1, 1, 8)},
 }
 
 
@@ -125,31 +127,22 @@ def _answer(kind: str, rng: random.Random) -> str:
 
 
 def facts_squad(n_contexts: int, seed: int) -> dict:
-    """SQuAD v1.1 JSON: each context states three facts about each of two countries, sentences shuffled; one
-    question per fact, its answer span given by character offset."""
+    """SQuAD v1.1 JSON: each context states the five facts of one country in a random order, one question per
+    fact, its answer span given by character offset (the capital and the river are both made-up names: the
+    question's words tell them apart)."""
     rng = random.Random(seed)
     paragraphs = []
     for c in range(n_contexts):
-        countries = [_made_up_name(rng) for _ in range(2)]
-        facts = []
-        for country in countries:
-            for fact, question, kind in rng.sample(RELATIONS, 3):
-                facts.append((fact, question, country, _answer(kind, rng)))
-        rng.shuffle(facts)
+        country = _made_up_name(rng)
+        facts = [(fact, question, _answer(kind, rng)) for fact, question, kind in rng.sample(RELATIONS, len(RELATIONS))]
         context, qas = "", []
-        for i, (fact, question, country, answer) in enumerate(facts):
-            sentence = fact.format(e=country, a=answer)
+        for i, (fact, question, answer) in enumerate(facts):
             start = len(context) + len(fact[:fact.index("{a}")].format(e=country))
             qas.append({"id": f"{seed}-{c}-{i}", "question": question.format(e=country),
                         "answers": [{"text": answer, "answer_start": start}]})
-            context += sentence + " "
+            context += fact.format(e=country, a=answer) + " "
         paragraphs.append({"context": context.strip(), "qas": qas})
     return {"version": "1.1", "data": [{"title": "facts", "paragraphs": paragraphs}]}
-
-
-def take_contexts(squad: dict, n: int) -> dict:
-    """The first `n` contexts of a SQuAD dict (the students' share)."""
-    return {**squad, "data": [{"title": "facts", "paragraphs": squad["data"][0]["paragraphs"][:n]}]}
 
 
 def squad_texts(squad: dict) -> list[str]:
@@ -159,12 +152,22 @@ def squad_texts(squad: dict) -> list[str]:
 # Tokenizer and models.
 
 def wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
-    """A lower-casing BERT-style WordPiece tokenizer trained on `texts`, saved in `out_dir`."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    tokenizer.train_from_iterator(texts, trainer)
+    """A lower-casing BERT-style WordPiece tokenizer for `texts`, saved in `out_dir`.
+
+    Its vocabulary is counted here, not trained: the tokenizers library's WordPiece training breaks ties in a
+    different order from run to run (huggingface/tokenizers#1794), and every figure depends on the vocabulary.
+    It holds the special tokens, every character (alone and as a `##` continuation), then the most frequent
+    words (ties in alphabetical order) up to `vocab_size`; other words are spelled out in characters.
+    """
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for text in texts
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({character for word in counts for character in word})
+    vocab = [*SPECIAL_TOKENS, *characters, *(f"##{character}" for character in characters)]
+    frequent = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
+    vocab += frequent[:max(vocab_size - len(vocab), 0)]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -215,8 +218,8 @@ def common_flags(epochs: int, batch: int, seed: int, output_dir: Path) -> list[s
 
 def classification_task(out: Path, size: str) -> tuple[Callable, Callable]:
     """(teacher run, student run(seed, distilled)) -> dev accuracy x100, through run_glue_w_distillation.main."""
-    n_pool, n_student, n_dev, teacher_epochs, student_epochs, batch = SIZES[size]["classification"]
-    pool, dev = docstring_sets(n_pool, n_dev)
+    n_train, n_student, n_dev, teacher_epochs, student_epochs, batch = SIZES[size]["classification"]
+    pool, dev = docstring_sets(n_train, n_dev)
     files = {}
     for name, rows in (("teacher_train", pool), ("student_train", pool[:n_student]), ("dev", dev)):
         files[name] = out / f"{name}.jsonl"
@@ -247,9 +250,10 @@ def classification_task(out: Path, size: str) -> tuple[Callable, Callable]:
 
 def qa_task(out: Path, size: str) -> tuple[Callable, Callable]:
     """(teacher run, student run(seed, distilled)) -> dev F1, through run_squad_w_distillation.main."""
-    n_pool, n_student, n_dev, teacher_epochs, student_epochs, batch = SIZES[size]["qa"]
-    pool = facts_squad(n_pool, seed=1)
-    files = {"teacher_train": pool, "student_train": take_contexts(pool, n_student), "dev": facts_squad(n_dev, seed=2)}
+    n_train, n_student, n_dev, teacher_epochs, student_epochs, batch = SIZES[size]["qa"]
+    pool = facts_squad(n_train, seed=1)
+    student_pool = {**pool, "data": [{"title": "facts", "paragraphs": pool["data"][0]["paragraphs"][:n_student]}]}
+    files = {"teacher_train": pool, "student_train": student_pool, "dev": facts_squad(n_dev, seed=2)}
     for name, squad in files.items():
         (out / name).mkdir()  # one folder each: the script caches its features beside the file
         files[name] = out / name / f"{name}.json"
@@ -271,7 +275,8 @@ def qa_task(out: Path, size: str) -> tuple[Callable, Callable]:
                          "--alpha_squad", "0.5"] if distilled else []
         run_dir = out / f"student_{seed}_{'distilled' if distilled else 'alone'}"
         return f1(["--model_type", "distilbert", "--model_name_or_path", str(student_start), *task, "--train_file",
-                   str(files["student_train"]), *teacher_flags, *common_flags(student_epochs, batch, seed, run_dir)])
+                   str(files["student_train"]), *teacher_flags,
+                   *common_flags(student_epochs, batch, seed, run_dir)])
 
     return teacher, student
 
@@ -314,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=5, help="Student seeds (1, 2, ...): each gives one pair of runs.")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--size", choices=list(SIZES), default="full", help="tiny: a smoke run of a few seconds.")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (tiny models gain little from more; the figures may move with it).")
     parser.add_argument("--work_dir", default=None, help="Keep the data, models and runs here (default: a temporary "
                                                          "folder, deleted at the end).")
     args = parser.parse_args(argv)

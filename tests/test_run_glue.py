@@ -4,16 +4,20 @@ processes under torchrun on a task of one's own, and bad input as one line with 
 
 import json
 import math
+import random
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForMaskedLM, \
-    BertForSequenceClassification, DistilBertForMaskedLM
+from transformers import (
+    AutoModelForSequenceClassification, AutoTokenizer, BertForMaskedLM, BertForSequenceClassification,
+    DistilBertForMaskedLM,
+)
 
 import assets
 import glue_assets
+import glue_tasks
 import run_glue_w_distillation as glue
 from cli_checks import child_env, error_line, free_port
 from task_training import run_script
@@ -54,7 +58,7 @@ def test_glue_losses_equal_a_hand_computation():
 def glue_setup(tmp_path_factory):
     """A tokenizer, a tiny BERT to fine-tune into teachers, a tiny DistilBERT student start, MRPC and STS-B."""
     root = tmp_path_factory.mktemp("glue")
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     tokenizer_dir = assets.build_tokenizer("bert", root / "tokenizer", [glue_assets.sentence(rng) for _ in range(200)],
                                            vocab_size=120)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -118,7 +122,6 @@ def test_the_student_distilled_from_each_tasks_teacher_reports_the_metrics_it_co
     summary = json.loads((out / "glue_results.json").read_text())
     assert summary["model"] == "distilbert distilled from teachers" and summary["score_tasks"] == ["mrpc", "sts-b"]
 
-    import glue_tasks
     mrpc = glue_tasks.load_glue_task(glue_setup["glue"], "mrpc", ["dev"]).evals["dev"]
     predictions = predict_one_by_one(out / "MRPC", mrpc, glue_setup["tokenizer"])
     labels = [int(example.label) for example in mrpc]
