@@ -39,18 +39,24 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, PreTrainedTokenizerFast
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForMaskedLM, DistilBertForMaskedLM, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
 if not __package__:  # run as `python bench/second_step.py`: import the project from the repository root, as -m does
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # extraction imports its siblings so
+
 import run_glue_w_distillation  # noqa: E402
 import run_squad_w_distillation  # noqa: E402
+from extract_distilbert import BERT_TO_DISTILBERT, distilbert_config  # noqa: E402
+from extraction import transfer  # noqa: E402
 from quickstart import stdlib_docstrings  # noqa: E402
 
 CLASSES = ("asyncio", "email", "logging", "tkinter", "xml")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+STUDENT_LAYERS = (0, 2)  # every other layer of the 4-layer teacher, as DistilBERT took from BERT
 DISTILLATION = ["--alpha_ce", "0.5", "--temperature", "2.0"]  # the original's defaults, and alpha_task/squad 0.5
 # The 0.975 quantiles of Student's t for 1 to 30 degrees of freedom (beyond: a Cornish-Fisher expansion).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -186,14 +192,27 @@ def save_start(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_d
     return out_dir
 
 
-def build_starts(tokenizer: PreTrainedTokenizerFast, out: Path) -> tuple[Path, Path]:
-    """(teacher start, student start): random BERT (4 layers, width 64) and DistilBERT (2 layers, width 64)."""
+def teacher_start(tokenizer: PreTrainedTokenizerFast, out: Path) -> Path:
+    """A random BERT of 4 layers, width 64 (nothing is pretrained offline)."""
     torch.manual_seed(0)
     teacher = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4,
                                          num_attention_heads=4, intermediate_size=256, max_position_embeddings=256))
-    student = DistilBertForMaskedLM(DistilBertConfig(vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=4,
-                                                     hidden_dim=256, max_position_embeddings=256))
-    return save_start(teacher, tokenizer, out / "teacher_start"), save_start(student, tokenizer, out / "student_start")
+    return save_start(teacher, tokenizer, out / "teacher_start")
+
+
+def student_from_teacher(teacher_dir: Path, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> Path:
+    """A DistilBERT of the fine-tuned teacher's layers STUDENT_LAYERS, as the paper initialised its student.
+
+    The copy is extract_distilbert.py's key table less the LM head (a fine-tuned teacher has none); the students'
+    task head is new, made by each run from its seed.
+    """
+    pairs = [pair for pair in BERT_TO_DISTILBERT.key_pairs(STUDENT_LAYERS, vocab_transform=False)
+             if pair not in BERT_TO_DISTILBERT.head]
+    state = transfer(load_file(teacher_dir / "model.safetensors"), pairs)
+    student = DistilBertForMaskedLM(distilbert_config(BertConfig.from_pretrained(teacher_dir), STUDENT_LAYERS))
+    missing = set(student.load_state_dict(state, strict=False).missing_keys)
+    assert all(key.startswith("vocab_") for key in missing), sorted(missing)  # only the LM head is left as it was
+    return save_start(student, tokenizer, out_dir)
 
 
 # The runs.
@@ -225,7 +244,7 @@ def classification_task(out: Path, size: str) -> tuple[Callable, Callable]:
         files[name] = out / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     tokenizer = wordpiece_tokenizer([row["text"] for row in pool], 2000, out / "tokenizer")
-    teacher_start, student_start = build_starts(tokenizer, out)
+    start = teacher_start(tokenizer, out)
     task = ["--task_name", "docstrings", "--predict_file", str(files["dev"]), "--text_columns", "text",
             "--label_column", "module", "--label_list", ",".join(CLASSES), "--max_seq_length", "32"]
 
@@ -234,14 +253,16 @@ def classification_task(out: Path, size: str) -> tuple[Callable, Callable]:
         return 100 * summary["tasks"]["docstrings"]["metrics"]["dev"]["acc"]
 
     def teacher() -> float:
-        return accuracy(["--model_type", "bert", "--model_name_or_path", str(teacher_start), *task, "--train_file",
-                         str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
+        figure = accuracy(["--model_type", "bert", "--model_name_or_path", str(start), *task, "--train_file",
+                           str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
+        student_from_teacher(out / "teacher", tokenizer, out / "student_start")
+        return figure
 
     def student(seed: int, distilled: bool) -> float:
         teacher_flags = ["--teacher_type", "bert", "--teacher_name_or_path", str(out / "teacher"), *DISTILLATION,
                          "--alpha_task", "0.5"] if distilled else []
         run_dir = out / f"student_{seed}_{'distilled' if distilled else 'alone'}"
-        return accuracy(["--model_type", "distilbert", "--model_name_or_path", str(student_start), *task,
+        return accuracy(["--model_type", "distilbert", "--model_name_or_path", str(out / "student_start"), *task,
                          "--train_file", str(files["student_train"]), *teacher_flags,
                          *common_flags(student_epochs, batch, seed, run_dir)])
 
@@ -259,7 +280,7 @@ def qa_task(out: Path, size: str) -> tuple[Callable, Callable]:
         files[name] = out / name / f"{name}.json"
         files[name].write_text(json.dumps(squad), encoding="utf-8")
     tokenizer = wordpiece_tokenizer(squad_texts(pool), 1000, out / "tokenizer")
-    teacher_start, student_start = build_starts(tokenizer, out)
+    start = teacher_start(tokenizer, out)
     task = ["--predict_file", str(files["dev"]), "--max_seq_length", "64", "--doc_stride", "32",
             "--max_query_length", "24", "--max_answer_length", "8"]
 
@@ -267,14 +288,16 @@ def qa_task(out: Path, size: str) -> tuple[Callable, Callable]:
         return quietly(run_squad_w_distillation.main, argv)["f1"]
 
     def teacher() -> float:
-        return f1(["--model_type", "bert", "--model_name_or_path", str(teacher_start), *task, "--train_file",
-                   str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
+        figure = f1(["--model_type", "bert", "--model_name_or_path", str(start), *task, "--train_file",
+                     str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
+        student_from_teacher(out / "teacher", tokenizer, out / "student_start")
+        return figure
 
     def student(seed: int, distilled: bool) -> float:
         teacher_flags = ["--teacher_type", "bert", "--teacher_name_or_path", str(out / "teacher"), *DISTILLATION,
                          "--alpha_squad", "0.5"] if distilled else []
         run_dir = out / f"student_{seed}_{'distilled' if distilled else 'alone'}"
-        return f1(["--model_type", "distilbert", "--model_name_or_path", str(student_start), *task, "--train_file",
+        return f1(["--model_type", "distilbert", "--model_name_or_path", str(out / "student_start"), *task, "--train_file",
                    str(files["student_train"]), *teacher_flags,
                    *common_flags(student_epochs, batch, seed, run_dir)])
 
