@@ -235,8 +235,9 @@ def read_json_object(path: PathLike, fields: Mapping[str, type | tuple[type, ...
 
 # What a local model or tokenizer folder holds that libraries read without checking shapes.
 MODEL_FOLDER_JSON = {
-    "config.json": {"model_type": str, "architectures": (list, type(None)), "vocab_size": int,
-                    "num_hidden_layers": int, "hidden_size": int, "n_layer": int, "n_embd": int},
+    "config.json": {"model_type": str, "architectures": (list, type(None)), "vocab_size": (int, type(None)),
+                    "num_hidden_layers": (int, type(None)), "hidden_size": (int, type(None)),
+                    "n_layer": (int, type(None)), "n_embd": (int, type(None))},
     "tokenizer_config.json": {"model_max_length": (int, float), "tokenizer_class": (str, type(None)),
                               "added_tokens_decoder": dict, "do_lower_case": bool},
     "special_tokens_map.json": {},

@@ -60,11 +60,11 @@ CASES = [
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` with its bytes, but the temporaries a kill may leave (`.*.tmp`)."""
+    """Every file under `folder` with its bytes, but the temporaries a kill may leave (`.*.tmp`, files or folders)."""
     return {
         str(path.relative_to(folder)): b"" if path.is_dir() else path.read_bytes()
         for path in sorted(folder.rglob("*"))
-        if not (path.name.startswith(".") and path.name.endswith(".tmp"))
+        if not any(part.startswith(".") and part.endswith(".tmp") for part in path.relative_to(folder).parts)
     }
 
 
