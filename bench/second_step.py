@@ -6,12 +6,14 @@ Two tasks are built here, deterministic for a Python version:
   tkinter, xml; parsed with `ast`, as quickstart.py reads them), JSON lines through run_glue_w_distillation.py;
 - extractive QA: templated facts about made-up countries (capital, founding year, ruler, export, river), the
   five facts of one country a context in a random order, SQuAD v1.1 JSON through run_squad_w_distillation.py.
-For each task: a WordPiece tokenizer trained on its training text; a teacher (BERT, 4 layers, width 64, random
-weights) fine-tuned on the whole training set; one student start (DistilBERT, 2 layers, width 64, random
-weights, saved once). The teacher has had more, as in the paper's regime: four times the students' data. For
-each seed the student is fine-tuned from that start on a quarter of the training set for 10 epochs, twice: with
-the teacher (--alpha_ce 0.5 --alpha_task/--alpha_squad 0.5 --temperature 2, the original's defaults) and
-without. The same seed gives both runs the same new head, the same batches and the same dropout.
+For each task: a WordPiece vocabulary counted on its training text; a teacher (BERT, 4 layers, width 64, random
+weights: nothing is pretrained offline) fine-tuned on the whole training set; one student start, a DistilBERT
+of the fine-tuned teacher's layers 0 and 2 (every other layer, as the paper made its student of BERT's; the copy
+is scripts/extract_distilbert.py's key table), with a new task head. The teacher has had more, as in the paper's
+regime: four times the students' data and twice their depth. For each seed the student is fine-tuned from that
+start on a quarter of the training set for 10 epochs, twice: with the teacher (--alpha_ce 0.5
+--alpha_task/--alpha_squad 0.5 --temperature 2, the original's defaults) and without. The same seed gives both
+runs the same new head, the same batches and the same dropout.
 
 Printed: the teacher's dev figure; per seed both students' dev accuracy (classification) or F1 (QA) and their
 difference, every seed listed whether distillation wins or not; the mean difference with its 95 % t-interval.
@@ -39,18 +41,25 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, PreTrainedTokenizerFast
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForMaskedLM, DistilBertForMaskedLM, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
 if not __package__:  # run as `python bench/second_step.py`: import the project from the repository root, as -m does
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # as scripts/extract*.py import them
+
 import run_glue_w_distillation  # noqa: E402
 import run_squad_w_distillation  # noqa: E402
+from extract_distilbert import BERT_TO_DISTILBERT, distilbert_config  # noqa: E402
+from extraction import transfer  # noqa: E402
 from quickstart import stdlib_docstrings  # noqa: E402
 
 CLASSES = ("asyncio", "email", "logging", "tkinter", "xml")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+STUDENT_LAYERS = (0, 2)  # every other layer of the 4-layer teacher, as DistilBERT took from BERT
+QA_MIN_COUNT = 100  # words of the QA vocabulary: the templates' (a name is seen ~10 times, one per context or more)
 DISTILLATION = ["--alpha_ce", "0.5", "--temperature", "2.0"]  # the original's defaults, and alpha_task/squad 0.5
 # The 0.975 quantiles of Student's t for 1 to 30 degrees of freedom (beyond: a Cornish-Fisher expansion).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -151,20 +160,23 @@ def squad_texts(squad: dict) -> list[str]:
 
 # Tokenizer and models.
 
-def wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
+def wordpiece_tokenizer(texts: list[str], vocab_size: int, out_dir: Path,
+                        min_count: int = 1) -> PreTrainedTokenizerFast:
     """A lower-casing BERT-style WordPiece tokenizer for `texts`, saved in `out_dir`.
 
     Its vocabulary is counted here, not trained: the tokenizers library's WordPiece training breaks ties in a
     different order from run to run (huggingface/tokenizers#1794), and every figure depends on the vocabulary.
     It holds the special tokens, every character (alone and as a `##` continuation), then the most frequent
-    words (ties in alphabetical order) up to `vocab_size`; other words are spelled out in characters.
+    words (ties in alphabetical order) seen at least `min_count` times, up to `vocab_size`; other words are
+    spelled out in characters.
     """
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     counts = Counter(word for text in texts
                      for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     characters = sorted({character for word in counts for character in word})
     vocab = [*SPECIAL_TOKENS, *characters, *(f"##{character}" for character in characters)]
-    frequent = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
+    frequent = sorted((word for word in counts if len(word) > 1 and counts[word] >= min_count),
+                      key=lambda word: (-counts[word], word))
     vocab += frequent[:max(vocab_size - len(vocab), 0)]
     tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
     tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
@@ -186,14 +198,28 @@ def save_start(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_d
     return out_dir
 
 
-def build_starts(tokenizer: PreTrainedTokenizerFast, out: Path) -> tuple[Path, Path]:
-    """(teacher start, student start): random BERT (4 layers, width 64) and DistilBERT (2 layers, width 64)."""
+def teacher_start(tokenizer: PreTrainedTokenizerFast, out: Path) -> Path:
+    """A random BERT of 4 layers, width 64 (nothing is pretrained offline)."""
     torch.manual_seed(0)
     teacher = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4,
                                          num_attention_heads=4, intermediate_size=256, max_position_embeddings=256))
-    student = DistilBertForMaskedLM(DistilBertConfig(vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=4,
-                                                     hidden_dim=256, max_position_embeddings=256))
-    return save_start(teacher, tokenizer, out / "teacher_start"), save_start(student, tokenizer, out / "student_start")
+    return save_start(teacher, tokenizer, out / "teacher_start")
+
+
+def student_from_teacher(teacher_dir: Path, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> Path:
+    """A DistilBERT of the fine-tuned teacher's layers STUDENT_LAYERS, as the paper initialised its student.
+
+    The copy is extract_distilbert.py's key table less the LM head (a fine-tuned teacher has none); the students'
+    task head is new, made by each run from its seed.
+    """
+    pairs = [pair for pair in BERT_TO_DISTILBERT.key_pairs(STUDENT_LAYERS, vocab_transform=False)
+             if pair not in BERT_TO_DISTILBERT.head]
+    state = transfer(load_file(teacher_dir / "model.safetensors"), pairs)
+    student = DistilBertForMaskedLM(distilbert_config(BertConfig.from_pretrained(teacher_dir), STUDENT_LAYERS))
+    missing = [key for key in student.load_state_dict(state, strict=False).missing_keys if not key.startswith("vocab_")]
+    if missing:  # only the LM head, unused here, may stay as it was
+        raise RuntimeError(f"the teacher's layers leave {missing} of the student uninitialised")
+    return save_start(student, tokenizer, out_dir)
 
 
 # The runs.
@@ -225,7 +251,7 @@ def classification_task(out: Path, size: str) -> tuple[Callable, Callable]:
         files[name] = out / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     tokenizer = wordpiece_tokenizer([row["text"] for row in pool], 2000, out / "tokenizer")
-    teacher_start, student_start = build_starts(tokenizer, out)
+    start = teacher_start(tokenizer, out)
     task = ["--task_name", "docstrings", "--predict_file", str(files["dev"]), "--text_columns", "text",
             "--label_column", "module", "--label_list", ",".join(CLASSES), "--max_seq_length", "32"]
 
@@ -234,14 +260,16 @@ def classification_task(out: Path, size: str) -> tuple[Callable, Callable]:
         return 100 * summary["tasks"]["docstrings"]["metrics"]["dev"]["acc"]
 
     def teacher() -> float:
-        return accuracy(["--model_type", "bert", "--model_name_or_path", str(teacher_start), *task, "--train_file",
-                         str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
+        figure = accuracy(["--model_type", "bert", "--model_name_or_path", str(start), *task, "--train_file",
+                           str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
+        student_from_teacher(out / "teacher", tokenizer, out / "student_start")
+        return figure
 
     def student(seed: int, distilled: bool) -> float:
         teacher_flags = ["--teacher_type", "bert", "--teacher_name_or_path", str(out / "teacher"), *DISTILLATION,
                          "--alpha_task", "0.5"] if distilled else []
         run_dir = out / f"student_{seed}_{'distilled' if distilled else 'alone'}"
-        return accuracy(["--model_type", "distilbert", "--model_name_or_path", str(student_start), *task,
+        return accuracy(["--model_type", "distilbert", "--model_name_or_path", str(out / "student_start"), *task,
                          "--train_file", str(files["student_train"]), *teacher_flags,
                          *common_flags(student_epochs, batch, seed, run_dir)])
 
@@ -258,24 +286,28 @@ def qa_task(out: Path, size: str) -> tuple[Callable, Callable]:
         (out / name).mkdir()  # one folder each: the script caches its features beside the file
         files[name] = out / name / f"{name}.json"
         files[name].write_text(json.dumps(squad), encoding="utf-8")
-    tokenizer = wordpiece_tokenizer(squad_texts(pool), 1000, out / "tokenizer")
-    teacher_start, student_start = build_starts(tokenizer, out)
-    task = ["--predict_file", str(files["dev"]), "--max_seq_length", "64", "--doc_stride", "32",
+    # Made-up names are spelled out in characters: a name frequent enough in training to be one token would be
+    # many in dev, where every name is new, and what a model learnt of it would not carry over.
+    tokenizer = wordpiece_tokenizer(squad_texts(pool), 1000, out / "tokenizer", min_count=QA_MIN_COUNT)
+    start = teacher_start(tokenizer, out)
+    task = ["--predict_file", str(files["dev"]), "--max_seq_length", "128", "--doc_stride", "64",
             "--max_query_length", "24", "--max_answer_length", "8"]
 
     def f1(argv: list[str]) -> float:
         return quietly(run_squad_w_distillation.main, argv)["f1"]
 
     def teacher() -> float:
-        return f1(["--model_type", "bert", "--model_name_or_path", str(teacher_start), *task, "--train_file",
-                   str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
+        figure = f1(["--model_type", "bert", "--model_name_or_path", str(start), *task, "--train_file",
+                     str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
+        student_from_teacher(out / "teacher", tokenizer, out / "student_start")
+        return figure
 
     def student(seed: int, distilled: bool) -> float:
         teacher_flags = ["--teacher_type", "bert", "--teacher_name_or_path", str(out / "teacher"), *DISTILLATION,
                          "--alpha_squad", "0.5"] if distilled else []
         run_dir = out / f"student_{seed}_{'distilled' if distilled else 'alone'}"
-        return f1(["--model_type", "distilbert", "--model_name_or_path", str(student_start), *task, "--train_file",
-                   str(files["student_train"]), *teacher_flags,
+        return f1(["--model_type", "distilbert", "--model_name_or_path", str(out / "student_start"), *task,
+                   "--train_file", str(files["student_train"]), *teacher_flags,
                    *common_flags(student_epochs, batch, seed, run_dir)])
 
     return teacher, student
