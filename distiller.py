@@ -346,11 +346,14 @@ class Distiller:
         self.needs_teacher = any(self.alphas[term] > 0 for term in TEACHER_TERMS)
         if self.needs_teacher and teacher is None:
             raise ValueError(f"the loss terms {self.active_terms} need a teacher")
-        self.teacher = teacher.to(self.device).eval() if self.needs_teacher else None
+        # --fsdp: both models stay on the host (where they were loaded) until sharding moves them to the device one
+        # unit at a time, so that a model larger than one device is never whole on it; the probe runs there too.
+        home = torch.device("cpu") if self.fsdp else self.device
+        self.teacher = teacher.to(home).eval() if self.needs_teacher else None
         self.evaluator = evaluator if self.is_master else None
         self.last_evaluation: dict[str, float] | None = None
         self.eval_interval = getattr(params, "eval_interval", 0)
-        self.raw_student = student.to(self.device).train()
+        self.raw_student = student.to(home).train()
         self.vocab_size = self.raw_student.get_input_embeddings().weight.size(0)  # the ids it takes
         # The student and its loss in one module (and, for a narrower student, the projection of its hidden states),
         # after a probe of both models on the first sequences of the data: see StudentWithLoss.
@@ -528,6 +531,10 @@ class Distiller:
         logger.info("Save very last checkpoint as `pytorch_model.bin`.")
         self.save_checkpoint("pytorch_model.bin")
         self.save_pretrained()
+        if self.multi_gpu:
+            # The processes end together: one tearing its connections down while the master still writes the
+            # folder can make gloo abort another at exit, failing a run that finished.
+            dist.barrier()
         logger.info("Training is finished")
 
     def start_logging(self) -> None:

@@ -855,14 +855,13 @@ def _hidden_projection(student_width: int, teacher_width: int, student: nn.Modul
     """A linear map from the student's last hidden state to the teacher's, for the cosine loss (TinyBERT's W_h, no
     bias), sized from the widths the models' hidden states really have (OPT's, say, are word_embed_proj_dim wide).
 
-    nn.Linear's own initialisation, drawn from a generator seeded with `seed`, on the student's device.
+    nn.Linear's own initialisation, drawn on the host from a generator seeded with `seed` (the same start on every
+    device, sharded or not), then moved to the student's device.
     """
-    weight = next(student.parameters())
-    projection = nn.Linear(student_width, teacher_width, bias=False, device=weight.device)
-    generator = torch.Generator(device=weight.device).manual_seed(seed)
-    nn.init.kaiming_uniform_(projection.weight, a=math.sqrt(5), generator=generator)
+    projection = nn.Linear(student_width, teacher_width, bias=False)
+    nn.init.kaiming_uniform_(projection.weight, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
     logger.info(
         f"The student's hidden states are {student_width} wide and the teacher's {teacher_width}: the cosine loss goes "
         "through a learned projection (trained with the student, kept in the training state, not exported)"
     )
-    return projection
+    return projection.to(next(student.parameters()).device)

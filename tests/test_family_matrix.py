@@ -2,7 +2,7 @@
 binarize with the tokenizer's own markers → count → extract a shallower student → distil with fused losses and
 with full logits → distil a narrower student from random weights → load the export with `pipeline`.
 
-A marked set (`-m family_matrix`, deselected by the README's test command): about a minute per family on a CPU.
+A marked set (`-m family_matrix`, deselected by the README's test command): about a second per family on a CPU.
 Where a family cannot do a step, the one-line refusal is asserted instead (DeBERTa-v2's new head with
 --loss_chunk_size given: its get_output_embeddings() is not its vocabulary projection).
 """
