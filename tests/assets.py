@@ -198,6 +198,32 @@ def make_sequences(n: int, length: int, vocab_size: int, start_id: int, end_id: 
     return [np.array([start_id, *row, end_id], dtype=np.uint16) for row in body]
 
 
+def gpt2_clm_argv(root: Path, teacher_dir, run_flags: list[str], n_sequences: int, length: int, n_layers: int = 1):
+    """Data and a student config for a gpt2 -> gpt2 CLM run of train.py, written in `root`.
+
+    Returns argv(dump_path, *extra): the flags of a run into `dump_path`, then `run_flags`, then `extra`.
+    """
+    import pickle
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    vocab_size = AutoConfig.from_pretrained(teacher_dir).vocab_size
+    marker = AutoTokenizer.from_pretrained(teacher_dir).bos_token_id
+    sequences = make_sequences(n_sequences, length, vocab_size, marker, marker, seed=4)
+    (root / "data.pickle").write_bytes(pickle.dumps(sequences))
+    student_config("gpt2", vocab_size, n_layers=n_layers).to_json_file(root / "student.json")
+
+    def argv(dump_path, *extra: str) -> list[str]:
+        return [
+            "--dump_path", str(dump_path), "--data_file", str(root / "data.pickle"), "--student_type", "gpt2",
+            "--student_config", str(root / "student.json"), "--teacher_type", "gpt2",
+            "--teacher_name", str(teacher_dir), "--alpha_ce", "1.0", "--alpha_clm", "1.0",
+            "--alpha_cos", "1.0", *run_flags, *extra,
+        ]
+
+    return argv
+
+
 def distiller_params(dump_path, student_type: str = "gpt2", teacher_type: str = "gpt2", **overrides):
     """train.py's namespace for a single CPU process, with the fields init_gpu_params and main would add.
 

@@ -7,13 +7,12 @@ sharded in one `training_state.shards.<iteration>` folder. The kill-and-resume r
 and a two-process state resumes in one process and in four, resharded.
 """
 
-import pickle
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoModelForCausalLM, pipeline
 
 import assets
 from cli_checks import child_env, error_line, free_port, run_main
@@ -31,21 +30,8 @@ RUN_FLAGS = ["--n_gpu", "0", "--n_epoch", "2", "--batch_size", "2", "--gradient_
 @pytest.fixture(scope="module")
 def fsdp_argv(tmp_path_factory, teacher_dirs):
     """gpt2 -> two-layer gpt2 CLM flags with --fsdp, for a dump path."""
-    root = tmp_path_factory.mktemp("fsdp_inputs")
-    vocab_size = AutoConfig.from_pretrained(teacher_dirs["gpt2"]).vocab_size
-    marker = AutoTokenizer.from_pretrained(teacher_dirs["gpt2"]).bos_token_id
-    (root / "data.pickle").write_bytes(pickle.dumps(assets.make_sequences(24, 16, vocab_size, marker, marker, seed=4)))
-    assets.student_config("gpt2", vocab_size, n_layers=2).to_json_file(root / "student.json")
-
-    def argv(dump_path, *extra: str) -> list[str]:
-        return [
-            "--dump_path", str(dump_path), "--data_file", str(root / "data.pickle"), "--student_type", "gpt2",
-            "--student_config", str(root / "student.json"), "--teacher_type", "gpt2",
-            "--teacher_name", str(teacher_dirs["gpt2"]), "--alpha_ce", "1.0", "--alpha_clm", "1.0",
-            "--alpha_cos", "1.0", *RUN_FLAGS, *extra,
-        ]
-
-    return argv
+    return assets.gpt2_clm_argv(tmp_path_factory.mktemp("fsdp_inputs"), teacher_dirs["gpt2"], RUN_FLAGS, 24, 16,
+                                n_layers=2)
 
 
 def torchrun(repo_root, cwd, argv: list[str], processes: int = 2, fault: str | None = None):

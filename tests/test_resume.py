@@ -285,21 +285,7 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
 @pytest.fixture(scope="module")
 def clm_argv(tmp_path_factory, teacher_dirs):
     """gpt2 -> gpt2 CLM flags (student with dropout) for a dump path."""
-    root = tmp_path_factory.mktemp("ddp_resume_inputs")
-    vocab_size = AutoConfig.from_pretrained(teacher_dirs["gpt2"]).vocab_size
-    marker = AutoTokenizer.from_pretrained(teacher_dirs["gpt2"]).bos_token_id
-    (root / "data.pickle").write_bytes(pickle.dumps(assets.make_sequences(40, 20, vocab_size, marker, marker, seed=4)))
-    assets.student_config("gpt2", vocab_size).to_json_file(root / "student.json")
-
-    def argv(dump_path, *extra: str) -> list[str]:
-        return [
-            "--dump_path", str(dump_path), "--data_file", str(root / "data.pickle"), "--student_type", "gpt2",
-            "--student_config", str(root / "student.json"), "--teacher_type", "gpt2",
-            "--teacher_name", str(teacher_dirs["gpt2"]), "--alpha_ce", "1.0", "--alpha_clm", "1.0",
-            "--alpha_cos", "1.0", *RUN_FLAGS, *extra,
-        ]
-
-    return argv
+    return assets.gpt2_clm_argv(tmp_path_factory.mktemp("ddp_resume_inputs"), teacher_dirs["gpt2"], RUN_FLAGS, 40, 20)
 
 
 def torchrun(repo_root, cwd, script: str, argv: list[str], fault: str | None = None) -> subprocess.CompletedProcess:

@@ -64,6 +64,14 @@ def tokenizer(tokenizer_dirs):
     return AutoTokenizer.from_pretrained(tokenizer_dirs["bert"])
 
 
+def reference_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    """The reference runs' optimizer, written out: weight decay 0.1 except on biases and LayerNorm weights."""
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-2, eps=1e-8)
+
+
 def test_soft_target_loss_is_the_hand_computed_kl_times_t_squared():
     s_logits = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
     t_logits = torch.tensor([[2.0, 0.0, -1.0], [1.0, 1.0, 1.0]])
@@ -95,10 +103,7 @@ def test_train_equals_a_plain_loop_and_writes_checkpoints_and_the_final_folder(t
     # The reference: the sampler's order (seed + epoch), two micro-batches of two per step, mean loss; the
     # third step takes the last micro-batch of epoch 0 and the first of epoch 1.
     order = [i for epoch in (0, 1) for i in torch.randperm(N_FEATURES, generator=torch.Generator().manual_seed(3 + epoch)).tolist()]
-    decay = [p for n, p in reference.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
-    no_decay = [p for n, p in reference.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-2, eps=1e-8)
+    optimizer = reference_adamw(reference)
     for step in range(3):
         for micro in range(2):
             ids = order[(2 * step + micro) * 2:(2 * step + micro) * 2 + 2]
@@ -208,10 +213,7 @@ def test_two_gloo_processes_equal_one_process_averaging_their_batches(tmp_path, 
             order += [indices[i:i + 2] for i in range(0, len(indices), 2)]
         per_rank.append(order)
     reference = tiny_qa_model(len(tokenizer))
-    decay = [p for n, p in reference.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
-    no_decay = [p for n, p in reference.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-2, eps=1e-8)
+    optimizer = reference_adamw(reference)
     for step in range(2):
         for micro in range(2):
             for rank in (0, 1):
