@@ -242,6 +242,30 @@ def common_flags(epochs: int, batch: int, seed: int, output_dir: Path) -> list[s
             "--save_steps", "100000"]
 
 
+def paired_runs(score: Callable[[list[str]], float], task: list[str], start: Path, files: dict[str, Path], tokenizer,
+                out: Path, alpha_flag: str, epochs: tuple[int, int], batch: int) -> tuple[Callable, Callable]:
+    """(teacher run, student run(seed, distilled)) of one task's script (`score` runs it and returns the figure): the
+    teacher from `start` on the teacher's data, whose layers then give the students' start; the students on
+    theirs, distilled (with the teacher's soft targets at weight 0.5 against `alpha_flag` 0.5) or alone."""
+    teacher_epochs, student_epochs = epochs
+
+    def teacher() -> float:
+        figure = score(["--model_type", "bert", "--model_name_or_path", str(start), *task, "--train_file",
+                        str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
+        student_from_teacher(out / "teacher", tokenizer, out / "student_start")
+        return figure
+
+    def student(seed: int, distilled: bool) -> float:
+        teacher_flags = ["--teacher_type", "bert", "--teacher_name_or_path", str(out / "teacher"), *DISTILLATION,
+                         alpha_flag, "0.5"] if distilled else []
+        run_dir = out / f"student_{seed}_{'distilled' if distilled else 'alone'}"
+        return score(["--model_type", "distilbert", "--model_name_or_path", str(out / "student_start"), *task,
+                      "--train_file", str(files["student_train"]), *teacher_flags,
+                      *common_flags(student_epochs, batch, seed, run_dir)])
+
+    return teacher, student
+
+
 def classification_task(out: Path, size: str) -> tuple[Callable, Callable]:
     """(teacher run, student run(seed, distilled)) -> dev accuracy x100, through run_glue_w_distillation.main."""
     n_train, n_student, n_dev, teacher_epochs, student_epochs, batch = SIZES[size]["classification"]
@@ -259,21 +283,8 @@ def classification_task(out: Path, size: str) -> tuple[Callable, Callable]:
         summary = quietly(run_glue_w_distillation.main, argv)
         return 100 * summary["tasks"]["docstrings"]["metrics"]["dev"]["acc"]
 
-    def teacher() -> float:
-        figure = accuracy(["--model_type", "bert", "--model_name_or_path", str(start), *task, "--train_file",
-                           str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
-        student_from_teacher(out / "teacher", tokenizer, out / "student_start")
-        return figure
-
-    def student(seed: int, distilled: bool) -> float:
-        teacher_flags = ["--teacher_type", "bert", "--teacher_name_or_path", str(out / "teacher"), *DISTILLATION,
-                         "--alpha_task", "0.5"] if distilled else []
-        run_dir = out / f"student_{seed}_{'distilled' if distilled else 'alone'}"
-        return accuracy(["--model_type", "distilbert", "--model_name_or_path", str(out / "student_start"), *task,
-                         "--train_file", str(files["student_train"]), *teacher_flags,
-                         *common_flags(student_epochs, batch, seed, run_dir)])
-
-    return teacher, student
+    epochs = (teacher_epochs, student_epochs)
+    return paired_runs(accuracy, task, start, files, tokenizer, out, "--alpha_task", epochs, batch)
 
 
 def qa_task(out: Path, size: str) -> tuple[Callable, Callable]:
@@ -296,21 +307,7 @@ def qa_task(out: Path, size: str) -> tuple[Callable, Callable]:
     def f1(argv: list[str]) -> float:
         return quietly(run_squad_w_distillation.main, argv)["f1"]
 
-    def teacher() -> float:
-        figure = f1(["--model_type", "bert", "--model_name_or_path", str(start), *task, "--train_file",
-                     str(files["teacher_train"]), *common_flags(teacher_epochs, batch, 0, out / "teacher")])
-        student_from_teacher(out / "teacher", tokenizer, out / "student_start")
-        return figure
-
-    def student(seed: int, distilled: bool) -> float:
-        teacher_flags = ["--teacher_type", "bert", "--teacher_name_or_path", str(out / "teacher"), *DISTILLATION,
-                         "--alpha_squad", "0.5"] if distilled else []
-        run_dir = out / f"student_{seed}_{'distilled' if distilled else 'alone'}"
-        return f1(["--model_type", "distilbert", "--model_name_or_path", str(out / "student_start"), *task,
-                   "--train_file", str(files["student_train"]), *teacher_flags,
-                   *common_flags(student_epochs, batch, seed, run_dir)])
-
-    return teacher, student
+    return paired_runs(f1, task, start, files, tokenizer, out, "--alpha_squad", (teacher_epochs, student_epochs), batch)
 
 
 TASKS = {"classification": (classification_task, "accuracy"), "qa": (qa_task, "F1")}
