@@ -38,7 +38,7 @@ from pathlib import Path
 
 from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, ArgumentParser, number, positive_int
 from scripts.file_safety import check_outputs_apart
-from run_folder import PreviousRun, RunFolderLock, check_force_target, create_run_folder, recover
+from run_folder import check_force_target, run_folder_session
 from utils import (
     TMP_PREFIX, TMP_SUFFIX, UserError, atomic_write, load_tokenizer, logger, reported_as_write_error, run_command,
     write_json,
@@ -389,17 +389,6 @@ def read_splits(args: argparse.Namespace) -> dict[str, list[str]]:
     }
 
 
-def start_output_dir(args: argparse.Namespace, out: Path, lock: RunFolderLock) -> PreviousRun | None:
-    """(Re)create `out`, marked and locked; a previous quickstart's folder is set aside whole (one rename) until
-    this one ends. Called once the corpus and any --teacher_name have loaded: a bad input leaves it alone."""
-    with reported_as_write_error(out):
-        recover(out, QUICKSTART_RUN, "results.json")
-    if out.is_dir():
-        lock.acquire()
-        check_output_dir(args, out)
-    return create_run_folder(out, QUICKSTART_RUN, lock)
-
-
 def write_splits(out: Path, splits: dict[str, list[str]]) -> None:
     """Write the splits in out/data."""
     train_lines, held_out_lines = splits["train"], splits["held_out"]
@@ -478,17 +467,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
         if args.teacher_name:
             tokenizer = load_tokenizer(args.teacher_name, "--teacher_name")  # before --output_dir is replaced
-    with RunFolderLock(out) as lock:
-        previous_run = start_output_dir(args, out, lock)
-        try:
-            results = run_steps(args, out, splits, tokenizer, timings)
-        except BaseException:
-            if previous_run is not None:
-                previous_run.restore()
-            raise
-        if previous_run is not None:
-            previous_run.discard()
-    return results
+    # Once the corpus and any --teacher_name have loaded, so that a bad input leaves --output_dir alone.
+    with run_folder_session(out, QUICKSTART_RUN, "results.json", lambda: check_output_dir(args, out), "--output_dir"):
+        return run_steps(args, out, splits, tokenizer, timings)
 
 
 def run_steps(args: argparse.Namespace, out: Path, splits: dict, tokenizer, timings: dict) -> dict:

@@ -24,7 +24,8 @@ import shutil
 import time
 import uuid
 from argparse import Namespace
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from scripts.file_safety import read_json_object
@@ -80,7 +81,7 @@ def _shown(names: list[str]) -> str:
 
 def check_force_target(
     folder: Path, force: bool, flag: str, kind: str, patterns: Collection[str], records: Collection[str],
-    extra_names: Collection[str] = (),
+    extra_names: Collection[str] = (), force_flag: str = "--force",
 ) -> bool:
     """Whether `folder` exists; if it does, refuse it unless --force is given and it is a run folder of `kind`:
     empty, or with a valid marker, or (from before markers) holding every one of `records` and only
@@ -94,7 +95,7 @@ def check_force_target(
     if not folder.is_dir():
         raise UserError(f"{flag} {str(folder)!r} is a file, not a folder; pick another {flag}")
     if not force:
-        raise UserError(f"{flag} {str(folder)!r} already exists; pass --force to replace it")
+        raise UserError(f"{flag} {str(folder)!r} already exists; pass {force_flag} to replace it")
     entries = sorted(entry.name for entry in folder.iterdir())
     if not entries or has_valid_marker(folder, kind):
         return True
@@ -105,7 +106,7 @@ def check_force_target(
     if foreign or missing:
         found = f"also holds {_shown(foreign)}" if foreign else f"lacks a run's {' and '.join(missing)}"
         raise UserError(
-            f"--force replaces only a previous run's folder (one holding {MARKER}), but {flag} {str(folder)!r} has "
+            f"{force_flag} replaces only a previous run's folder (one holding {MARKER}), but {flag} {str(folder)!r} has "
             f"no marker and {found}; pick another {flag} or move those away"
         )
     logger.warning(f"{flag} {str(folder)!r} has no {MARKER}: replacing it as a run from before markers (it holds "
@@ -130,8 +131,9 @@ class RunFolderLock:
     outlives its run. On a filesystem without locks a warning says the folder is unguarded.
     """
 
-    def __init__(self, dump_path: str | os.PathLike):
+    def __init__(self, dump_path: str | os.PathLike, flag: str = "--dump_path"):
         self.dump_path = str(dump_path)
+        self.flag = flag
         self.fd: int | None = None
 
     def acquire(self) -> None:
@@ -148,11 +150,11 @@ class RunFolderLock:
         except BlockingIOError:
             os.close(fd)
             raise UserError(
-                f"--dump_path {self.dump_path!r} is in use by another run that is still going; wait for it to end "
+                f"{self.flag} {self.dump_path!r} is in use by another run that is still going; wait for it to end "
                 "or stop it"
             ) from None
         except OSError as err:
-            logger.warning(f"Could not lock --dump_path {self.dump_path!r} ({err}): nothing stops a second run "
+            logger.warning(f"Could not lock {self.flag} {self.dump_path!r} ({err}): nothing stops a second run "
                            "writing there")
         self.fd = fd
 
@@ -283,6 +285,35 @@ def create_run_folder(folder: Path, kind: str, lock: "RunFolderLock") -> Previou
                 previous_run.restore()
             raise
     return previous_run
+
+
+@contextmanager
+def run_folder_session(folder: Path, kind: str, done_file: str, check: Callable[[], None], flag: str) -> Iterator[None]:
+    """Hold `folder` for a whole run of `kind` (quickstart.py, the task scripts) whose last write is `done_file`.
+
+    Locked throughout; what a killed run left beside it put right first (`recover`); checked again under the
+    lock (`check`: may this run replace it?); created with its marker, a previous run set aside whole (one
+    rename). If the block fails, the previous run is put back, first thing; if it completes, the previous run
+    is deleted.
+
+    Raises:
+        UserError: from `check`, or the folder is in use; WriteError: it cannot be created or set aside.
+    """
+    with RunFolderLock(folder, flag) as lock:
+        with reported_as_write_error(folder):
+            recover(folder, kind, done_file)
+        if folder.is_dir():
+            lock.acquire()
+            check()
+        previous_run = create_run_folder(folder, kind, lock)
+        try:
+            yield
+        except BaseException:
+            if previous_run is not None:
+                previous_run.restore()
+            raise
+        if previous_run is not None:
+            previous_run.discard()
 
 
 def prepare(

@@ -47,12 +47,13 @@ from scripts.cli_flags import ArgumentParser, non_negative_float, number
 from scripts.file_safety import check_outputs_apart
 from scripts.model_families import position_limit
 from task_training import (
-    AUTO, add_task_arguments, check_same_vocabulary, check_task_arguments, checkpoint_step, checkpoints_to_evaluate,
-    load_task_model, run_script, setup_run, soft_target_loss, train,
+    AUTO, TRAINING_ARGS_FILE, add_task_arguments, check_same_vocabulary, check_task_arguments, checkpoint_step,
+    checkpoints_to_evaluate, load_task_model, output_folder, run_script, setup_run, soft_target_loss, train,
 )
 from utils import TEACHER_DTYPES, UserError, atomic_write, load_tokenizer, logger, set_seed, write_json
 
 MODEL_TYPES = ("bert", "distilbert", "roberta", "xlnet", "xlm", AUTO)
+RUN_KIND = "run_glue_w_distillation.py"  # what its --output_dir marker names
 RESULTS_JSON, TABLE_MD, EVAL_RESULTS = "glue_results.json", "glue_table.md", "eval_results.txt"
 
 
@@ -409,8 +410,18 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
     check_args(args)
     tasks, tokenizer, checked = check_inputs(args)
-    setup_run(args)
+    own_files = (RESULTS_JSON, TABLE_MD, EVAL_RESULTS, *(column_name(task.name) for task in tasks))
+    setup_run(args, RUN_KIND, own_files)
+    last_model = task_output_dir(args, tasks[-1], len(tasks)).relative_to(args.output_dir) / TRAINING_ARGS_FILE
+    done_file = TABLE_MD if args.do_eval else str(last_model)  # the last write
+    with output_folder(args, RUN_KIND, own_files, done_file):
+        return train_and_evaluate(args, tasks, tokenizer, checked)
 
+
+def train_and_evaluate(
+    args: Namespace, tasks: list[Task], tokenizer: PreTrainedTokenizerBase, checked: dict[str, TaskModels]
+) -> dict | None:
+    """Train each task in turn (--do_train), then evaluate them all (--do_eval), once every check has passed."""
     eval_features = {}
     for task in tasks:
         task_args = Namespace(**vars(args))

@@ -28,6 +28,7 @@ import math
 from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +48,8 @@ from utils import MODEL_LOAD_ERRORS, UserError, load_failure, logger, write_json
 # The original's families. XLNet's and XLM's plain span heads (...ForQuestionAnsweringSimple) stand in for their
 # beam-search heads, whose outputs the original unpacked wrongly.
 MODEL_TYPES = ("bert", "distilbert", "roberta", "xlnet", "xlm", AUTO)
+RUN_KIND = "run_squad_w_distillation.py"  # what its --output_dir marker names
+SQUAD_FILES = ("predictions_*.json", "nbest_predictions_*.json", "null_odds_*.json")  # its evaluation's files
 MODEL_FLAGS = ("--model_name_or_path", "--teacher_name_or_path", "--config_name", "--tokenizer_name")
 # Families that read segment ids without a table sized by type_vocab_size (XLNet's relative segments).
 SEGMENTS_WITHOUT_TABLE = ("xlnet",)
@@ -199,46 +202,84 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         inputs = {flag: getattr(args, flag[2:]) or None for flag in MODEL_FLAGS}
         check_outputs_apart({"--output_dir": args.output_dir},
                             {**inputs, "--train_file": train_file, "--predict_file": predict_file})
-    task_training.setup_run(args)
+    task_training.setup_run(args, RUN_KIND, SQUAD_FILES)
     train_examples = read_squad_examples(train_file, True, args.version_2_with_negative) if train_file else None
     eval_examples = read_squad_examples(predict_file, False, args.version_2_with_negative) if predict_file else None
     tokenizer = load_squad_tokenizer(args)
+    training = (load_training(args, train_file, train_examples, predict_file, eval_examples, tokenizer)
+                if args.do_train else None)
+    done_file = "eval_results.json" if args.do_eval else task_training.TRAINING_ARGS_FILE  # the last write
+    with task_training.output_folder(args, RUN_KIND, SQUAD_FILES, done_file):
+        if training is not None:
+            train_student(args, training, eval_examples, tokenizer)
+        if not (args.do_eval and args.is_master):
+            return {}
+        eval_features = training.eval_features if training is not None else None
+        return evaluate_folders(args, predict_file, eval_examples, eval_features, tokenizer)
 
+
+class Training(NamedTuple):
+    """What --do_train needs, loaded and checked before --output_dir is touched."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    features: dict[str, np.ndarray]
+    eval_features: dict[str, np.ndarray] | None
+
+
+def load_training(
+    args: Namespace, train_file: str, train_examples: list[SquadExample], predict_file: str | None,
+    eval_examples: list[SquadExample] | None, tokenizer: PreTrainedTokenizerBase,
+) -> Training:
+    """The student and the teacher, loaded and checked against each other, and the features (cached beside the
+    input files)."""
+    student = task_training.load_task_model(AutoModelForQuestionAnswering, args.model_type, args.model_name_or_path,
+                                            "--model_name_or_path", config_name=args.config_name,
+                                            cache_dir=args.cache_dir)
+    teacher = task_training.load_teacher(args, AutoModelForQuestionAnswering)
+    check_positions(args, student, "the student (--model_name_or_path)")
+    if teacher is not None:
+        check_positions(args, teacher, "the teacher (--teacher_name_or_path)")
+        task_training.check_same_vocabulary(teacher, student, teacher_tokenizer(args), tokenizer)
+    features = load_or_build_features(train_file, train_examples, tokenizer, args, True, args.is_master)
+    eval_features = (load_or_build_features(predict_file, eval_examples, tokenizer, args, False, args.is_master)
+                     if eval_examples else None)
+    return Training(student, teacher, features, eval_features)
+
+
+def train_student(
+    args: Namespace, training: Training, eval_examples: list[SquadExample] | None, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The training loop, evaluating during training with --evaluate_during_training."""
+
+    def evaluate_during_training(model: nn.Module, prefix: str) -> dict[str, float]:
+        return evaluate(args, model, eval_examples, training.eval_features, prefix)
+
+    steps = task_training.train(args, training.student.to(args.device), training.teacher,
+                                SquadFeatures(training.features), squad_loss(args), tokenizer,
+                                evaluate_during_training if eval_examples else None)
+    logger.info(f"global_step = {steps}")
+
+
+def evaluate_folders(
+    args: Namespace, predict_file: str, eval_examples: list[SquadExample], eval_features: dict[str, np.ndarray] | None,
+    tokenizer: PreTrainedTokenizerBase,
+) -> dict[str, float]:
+    """Evaluate each model folder `folders_to_evaluate` names, writing its predictions and eval_results<step>.json."""
     results: dict[str, float] = {}
-    eval_features = None
-    if args.do_train:
-        student = task_training.load_task_model(AutoModelForQuestionAnswering, args.model_type, args.model_name_or_path,
-                                                "--model_name_or_path", config_name=args.config_name,
-                                                cache_dir=args.cache_dir)
-        teacher = task_training.load_teacher(args, AutoModelForQuestionAnswering)
-        check_positions(args, student, "the student (--model_name_or_path)")
-        if teacher is not None:
-            check_positions(args, teacher, "the teacher (--teacher_name_or_path)")
-            task_training.check_same_vocabulary(teacher, student, teacher_tokenizer(args), tokenizer)
-        features = load_or_build_features(train_file, train_examples, tokenizer, args, True, args.is_master)
-        eval_features = (load_or_build_features(predict_file, eval_examples, tokenizer, args, False, args.is_master)
-                         if eval_examples else None)
-
-        def evaluate_during_training(model: nn.Module, prefix: str) -> dict[str, float]:
-            return evaluate(args, model, eval_examples, eval_features, prefix)
-
-        steps = task_training.train(args, student.to(args.device), teacher, SquadFeatures(features),
-                                    squad_loss(args), tokenizer, evaluate_during_training if eval_examples else None)
-        logger.info(f"global_step = {steps}")
-    if args.do_eval and args.is_master:
-        for folder in folders_to_evaluate(args):
-            step = task_training.checkpoint_step(folder)
-            prefix = "" if step is None else str(step)
-            model = task_training.load_task_model(AutoModelForQuestionAnswering, args.model_type, str(folder),
-                                                  "the model to evaluate")
-            check_positions(args, model, f"the model to evaluate ({str(folder)!r})")
-            if eval_features is None:  # built once the first model passed its checks
-                eval_features = load_or_build_features(predict_file, eval_examples, tokenizer, args, False, True)
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            scores = evaluate(args, model.to(args.device), eval_examples, eval_features, prefix)
-            write_json(Path(args.output_dir) / f"eval_results{prefix}.json", scores)
-            results.update({f"{key}_{prefix}" if prefix else key: value for key, value in scores.items()})
-        logger.info(f"Results: {results}")
+    for folder in folders_to_evaluate(args):
+        step = task_training.checkpoint_step(folder)
+        prefix = "" if step is None else str(step)
+        model = task_training.load_task_model(AutoModelForQuestionAnswering, args.model_type, str(folder),
+                                              "the model to evaluate")
+        check_positions(args, model, f"the model to evaluate ({str(folder)!r})")
+        if eval_features is None:  # built once the first model passed its checks
+            eval_features = load_or_build_features(predict_file, eval_examples, tokenizer, args, False, True)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        scores = evaluate(args, model.to(args.device), eval_examples, eval_features, prefix)
+        write_json(Path(args.output_dir) / f"eval_results{prefix}.json", scores)
+        results.update({f"{key}_{prefix}" if prefix else key: value for key, value in scores.items()})
+    logger.info(f"Results: {results}")
     return results
 
 

@@ -11,9 +11,12 @@ API (in the order a task script calls it):
   `--temperature`, the optimisation, logging, checkpoint and device flags, and [+] `--teacher_dtype`,
   `--bf16`, `--dist_timeout`). `--max_seq_length` and the task's own flags stay in each script.
 - `check_task_arguments(args)`: the checks of those flags (one `UserError` each).
-- `setup_run(args)`: refuse a non-empty `--output_dir` without `--overwrite_output_dir`, start the process
-  group (gloo with `--no_cuda`, NCCL on GPUs, one process per GPU under torchrun), seed, log the flags.
-  Sets `args.n_gpu`, `args.device`, `args.is_master`, `args.multi_gpu`, `args.world_size`, ...
+- `setup_run(args, kind, own_files)`: refuse an `--output_dir` that training may not replace
+  (`check_output_dir`: non-empty without `--overwrite_output_dir`, or not a previous run of the script `kind`),
+  start the process group (gloo with `--no_cuda`, NCCL on GPUs, one process per GPU under torchrun), seed, log
+  the flags. Sets `args.n_gpu`, `args.device`, `args.is_master`, `args.multi_gpu`, `args.world_size`, ...
+- `output_folder(args, kind, own_files, done_file)`: the context a training run writes in: `--output_dir`
+  locked and marked, a previous run set aside whole until the run completes (run_folder.run_folder_session).
 - `load_task_model(model_class, model_type, name_or_path, flag, ...)`: a model with a task head, its
   family checked against `--model_type` / `--teacher_type` (one line when they differ).
 - `load_teacher(args, model_class, **config_overrides)`: the frozen teacher in `--teacher_dtype`, or None
@@ -45,8 +48,8 @@ import shutil
 import sys
 import tempfile
 from argparse import Namespace
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -61,6 +64,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase, get_linear_schedul
 from distiller import EpochRandomSampler, optimizer_groups
 from losses import kl_distillation
 from metrics import NullWriter
+from run_folder import RUN_FILE_PATTERNS, check_force_target, run_folder_session
 from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, non_negative_float, non_negative_int, number
 from utils import (
     DIST_TIMEOUT_S,
@@ -85,6 +89,8 @@ AUTO = "auto"  # [+] any family whose config the task's Auto class knows
 CHECKPOINT_PREFIX = "checkpoint-"
 OPTIMIZER_FILE, SCHEDULER_FILE, TRAINING_ARGS_FILE = "optimizer.pt", "scheduler.pt", "training_args.json"
 LOG_DIR = "runs"  # tensorboard, inside --output_dir
+# What the loop and the scripts' evaluations write in --output_dir (a task script adds its own names).
+TASK_RUN_FILES = (f"{CHECKPOINT_PREFIX}*", LOG_DIR, TRAINING_ARGS_FILE, "eval_results*")
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, model_types: Sequence[str]) -> None:
@@ -151,19 +157,43 @@ def check_task_arguments(args: Namespace) -> None:
         raise UserError("nothing to do: pass --do_train, --do_eval or both")
 
 
-def setup_run(args: Namespace) -> None:
-    """Refuse a non-empty --output_dir (unless --overwrite_output_dir), start the processes, seed, log the flags.
+def check_output_dir(args: Namespace, kind: str, own_files: Collection[str]) -> None:
+    """A training run's --output_dir: absent, empty, or (with --overwrite_output_dir) a previous run's folder of the
+    script `kind`: marked by it, or from before markers holding its training_args.json and only files a task run
+    writes (`own_files` are the script's own names). Never a folder of the user's other files."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {args.output_dir!r} is a file, not a folder")
+    if not args.do_train or not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if not args.overwrite_output_dir:
+        raise UserError(f"--output_dir {args.output_dir!r} exists and is not empty; pass --overwrite_output_dir "
+                        "to replace a previous run of this script there")
+    check_force_target(output_dir, True, "--output_dir", kind, (*RUN_FILE_PATTERNS, *TASK_RUN_FILES, *own_files),
+                       (TRAINING_ARGS_FILE,), force_flag="--overwrite_output_dir")
+
+
+@contextmanager
+def output_folder(args: Namespace, kind: str, own_files: Collection[str], done_file: str) -> Iterator[None]:
+    """--output_dir held for a training run of the script `kind` whose last write is `done_file`, on the master
+    (run_folder.run_folder_session): with --overwrite_output_dir the previous run is set aside whole, put back if
+    this one fails, deleted once it completes. Evaluation alone writes into --output_dir as it is."""
+    if not (args.do_train and args.is_master):
+        yield
+        return
+    folder = Path(args.output_dir).resolve()
+    with run_folder_session(folder, kind, done_file, lambda: check_output_dir(args, kind, own_files), "--output_dir"):
+        yield
+
+
+def setup_run(args: Namespace, kind: str, own_files: Collection[str] = ()) -> None:
+    """Refuse an --output_dir this run may not write (`check_output_dir`), start the processes, seed, log the flags.
 
     One process per GPU (torchrun or the legacy launcher) over NCCL; with --no_cuda or without a GPU, CPU
     processes over gloo. The original's one-process DataParallel over every GPU is gone: one process uses
     one GPU, torchrun --nproc_per_node N uses N.
     """
-    output_dir = Path(args.output_dir)
-    if args.do_train and output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
-        raise UserError(f"--output_dir {args.output_dir!r} exists and is not empty; pass --overwrite_output_dir "
-                        "to train into it")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {args.output_dir!r} is a file, not a folder")
+    check_output_dir(args, kind, own_files)
     world_size = int(os.environ.get("WORLD_SIZE") or 1)
     args.n_gpu = 0 if args.no_cuda or not torch.cuda.is_available() else world_size
     init_gpu_params(args)

@@ -24,8 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import glue_assets
+import squad_assets
 import train
 from cli_checks import base_argv, child_env, with_flags
+from run_folder import MARKER
+from test_quickstart import REDUCED as QUICKSTART_RUN
+from test_quickstart import markov_corpus
 
 REPO = Path(train.__file__).resolve().parent
 FAULTS = ("kill9", "sigterm", "sighup", "full", "readonly")
@@ -50,8 +55,31 @@ STAGES = (
     ("train", "training_state.pth#1"),
     ("train", "pytorch_model.bin#1"),
     ("train", "model.safetensors#1"),
+    ("squad", "squad.previous-run#1"),
+    ("squad", "checkpoint-2#1"),
+    ("squad", "model.safetensors#2"),
+    ("squad", "predictions_.json#1"),
+    ("squad", "eval_results.json#1"),
+    ("glue", "glue.previous-run#1"),
+    ("glue", "model.safetensors#1"),
+    ("glue", "glue_table.md#1"),
+    ("quickstart", "quickstart.previous-run#1"),
+    ("quickstart", "results.json#1"),
 )
-SAMPLED = {("train", "training_state.pth#1", "kill9"), ("token_counts", "counts.pickle#1", "full")}
+# The tools that hold a run folder (train.py's --dump_path, the others' --output_dir): a previous result is set aside
+# whole while they run, so the invariant is about that folder, and the new result is told complete by its files.
+RUN_FOLDER_TOOLS = {
+    "train": ("pytorch_model.bin", "model.safetensors", "config.json", "README.md"),
+    "squad": ("model.safetensors", "checkpoint-2/model.safetensors", "predictions_.json", "eval_results.json"),
+    "glue": ("model.safetensors", "eval_results.txt", "glue_results.json", "glue_table.md"),
+    "quickstart": ("results.md", "results.json", "training_curves.png", "distilled/model.safetensors"),
+}
+SQUAD_RUN = ["--max_seq_length", "32", "--doc_stride", "8", "--max_query_length", "12", "--no_cuda", "--learning_rate",
+             "1e-3", "--per_gpu_train_batch_size", "8", "--max_steps", "2", "--save_steps", "2", "--logging_steps", "1"]
+GLUE_RUN = ["--no_cuda", "--max_seq_length", "32", "--num_train_epochs", "1", "--learning_rate", "1e-3",
+            "--per_gpu_train_batch_size", "4", "--logging_steps", "50", "--save_steps", "50"]
+SAMPLED = {("train", "training_state.pth#1", "kill9"), ("token_counts", "counts.pickle#1", "full"),
+           ("squad", "checkpoint-2#1", "kill9")}
 CASES = [
     pytest.param(tool, stage, fault, id=f"{tool}-{stage.split('#')[0]}-{fault}",
                  marks=() if (tool, stage, fault) in SAMPLED else pytest.mark.fault_matrix)
@@ -77,6 +105,23 @@ def content(folder: Path) -> dict[str, bytes]:
             state = torch.load(folder / name, weights_only=True)
             files[name] = b"".join(key.encode() + state[key].numpy().tobytes() for key in sorted(state))
     return files
+
+
+def second_step_commands(inputs: dict, out: Path) -> dict:
+    """The commands of the tools that need `second_step_inputs`: each replaces its previous run in out/<tool>."""
+    squad, glue, text_file = inputs["squad"], inputs["glue"], inputs["quickstart_text"]
+    return {
+        "squad": lambda seed: [REPO / "run_squad_w_distillation.py", "--model_type", "distilbert",
+                               "--model_name_or_path", squad["student"], "--teacher_type", "bert",
+                               "--teacher_name_or_path", squad["teacher"], "--output_dir", out / "squad", "--do_train",
+                               "--do_eval", "--data_dir", squad["data"], "--overwrite_output_dir", *SQUAD_RUN,
+                               "--seed", seed],
+        "glue": lambda seed: [REPO / "run_glue_w_distillation.py", "--model_type", "bert", "--model_name_or_path",
+                              squad["teacher"], "--data_dir", glue, "--output_dir", out / "glue", "--do_train",
+                              "--do_eval", "--overwrite_output_dir", *GLUE_RUN, "--seed", seed],
+        "quickstart": lambda seed: [REPO / "quickstart.py", "--output_dir", out / "quickstart", "--text_file",
+                                    text_file, *QUICKSTART_RUN, "--seed", seed, "--force"],
+    }
 
 
 class Tool:
@@ -115,9 +160,11 @@ class Tool:
                                                                   {"--data_file": str(small)}),
                                    *TRAIN_RUN, "--seed", seed],
         }
+        if name in ("squad", "glue", "quickstart"):
+            commands.update(second_step_commands(inputs, out))
         self.command = commands[name]
-        if name == "train":
-            self.result = out / "run"
+        if name in RUN_FOLDER_TOOLS:
+            self.result = out / ("run" if name == "train" else name)
 
     def run(self, seed: int, fault: str | None = None, record: Path | None = None, flags=()) -> subprocess.CompletedProcess:
         if self.name == "train":
@@ -145,7 +192,22 @@ def matrix_inputs(family_inputs, teacher_dirs, corpus_file, tmp_path_factory) ->
 
 
 @pytest.fixture(scope="module")
-def references(matrix_inputs, tmp_path_factory):
+def second_step_inputs(matrix_inputs, tokenizer_dirs, tmp_path_factory) -> dict:
+    """matrix_inputs and what the second step's scripts and the quickstart read: SQuAD files, a QA teacher and
+    student, an MRPC folder, a text file."""
+    root = tmp_path_factory.mktemp("second-step-inputs")
+    squad_assets.write_squad(root / "squad" / "train-v1.1.json", squad_assets.make_squad(8, 0))
+    squad_assets.write_squad(root / "squad" / "dev-v1.1.json", squad_assets.make_squad(3, 1))
+    glue_assets.write_glue_task(root / "glue", "mrpc", n_train=16, n_dev=8)
+    (root / "markov.txt").write_text("\n".join(markov_corpus()) + "\n", encoding="utf-8")
+    squad = {"data": root / "squad",
+             "teacher": squad_assets.build_qa_model("bert", root / "qa-teacher", tokenizer_dirs["bert"]),
+             "student": squad_assets.build_qa_model("distilbert", root / "qa-student", tokenizer_dirs["bert"])}
+    return {**matrix_inputs, "squad": squad, "glue": root / "glue", "quickstart_text": root / "markov.txt"}
+
+
+@pytest.fixture(scope="module")
+def references(matrix_inputs, tmp_path_factory, request):
     """Per tool, made when first asked: (the previous result, the new result) of clean runs, seed 1 then seed 0."""
     done = {}
 
@@ -153,7 +215,7 @@ def references(matrix_inputs, tmp_path_factory):
         if tool not in done:
             results = []
             for seed in (1, 0):
-                runner = Tool(tool, tmp_path_factory.mktemp(f"reference-{tool}"), matrix_inputs)
+                runner = Tool(tool, tmp_path_factory.mktemp(f"reference-{tool}"), inputs_of(tool, request))
                 completed = runner.run(seed)
                 assert completed.returncode == 0, completed.stderr[-3000:]
                 results.append(runner.result)
@@ -161,6 +223,12 @@ def references(matrix_inputs, tmp_path_factory):
         return done[tool]
 
     return reference
+
+
+def inputs_of(tool: str, request) -> dict:
+    """The inputs a tool's commands read (the second step's built only when a case of theirs runs)."""
+    second_step = tool in ("squad", "glue", "quickstart")
+    return request.getfixturevalue("second_step_inputs" if second_step else "matrix_inputs")
 
 
 def undo_read_only(record: Path) -> None:
@@ -171,14 +239,18 @@ def undo_read_only(record: Path) -> None:
             Path(line).chmod(0o755)
 
 
-def complete_train_run(run: Path) -> bool:
-    return all((run / name).is_file() for name in ("pytorch_model.bin", "model.safetensors", "config.json", "README.md"))
+def complete_run(tool: str, run: Path, before: dict[str, bytes]) -> bool:
+    """Whether `run` holds a new complete result: all of the tool's files, in a folder of a new run (its own marker,
+    not the previous run's: a folder where the new run wrote over the previous one's files is not complete)."""
+    marker = run / MARKER
+    new_folder = marker.is_file() and marker.read_bytes() != before.get(MARKER)
+    return new_folder and all((run / name).is_file() for name in RUN_FOLDER_TOOLS[tool])
 
 
 @pytest.mark.parametrize("tool, stage, fault", CASES)
-def test_a_fault_at_any_write_loses_nothing(tool, stage, fault, matrix_inputs, references, tmp_path):
+def test_a_fault_at_any_write_loses_nothing(tool, stage, fault, references, tmp_path, request):
     previous, new = references(tool)
-    runner = Tool(tool, tmp_path, matrix_inputs)
+    runner = Tool(tool, tmp_path, inputs_of(tool, request))
     shutil.rmtree(runner.result, ignore_errors=True)
     shutil.copytree(previous, runner.result)
     before = snapshot(runner.result)
@@ -188,17 +260,19 @@ def test_a_fault_at_any_write_loses_nothing(tool, stage, fault, matrix_inputs, r
     finally:
         undo_read_only(record)
     assert "Traceback" not in faulted.stderr, faulted.stderr[-3000:]
-    if faulted.returncode not in (0, *SIGNAL_STATUSES):
+    assert faulted.returncode != 0, f"the fault never struck: no rename onto {stage}"
+    if faulted.returncode not in SIGNAL_STATUSES:
         assert faulted.returncode == 1 and faulted.stderr.strip().splitlines()[-1].startswith("error: ")
 
-    if tool == "train":
-        set_aside = runner.result.with_name("run.previous-run")
+    if tool in RUN_FOLDER_TOOLS:
+        set_aside = runner.result.with_name(runner.result.name + ".previous-run")
         intact = snapshot(runner.result) == before or (set_aside.is_dir() and snapshot(set_aside) == before)
-        resumable = (runner.result / "training_state.pth").is_file() and not complete_train_run(runner.result)
-        assert intact or complete_train_run(runner.result) or resumable, faulted.stderr[-3000:]
+        resumable = (tool == "train" and (runner.result / "training_state.pth").is_file()
+                     and not complete_run(tool, runner.result, before))
+        assert intact or complete_run(tool, runner.result, before) or resumable, faulted.stderr[-3000:]
         rerun = runner.run(0, flags=["--resume"] if resumable and not intact else [])
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert complete_train_run(runner.result) and not set_aside.exists()
+        assert complete_run(tool, runner.result, before) and not set_aside.exists()
     else:
         assert snapshot(runner.result) == before or content(runner.result) == content(new), faulted.stderr[-3000:]
         rerun = runner.run(0)

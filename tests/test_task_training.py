@@ -36,7 +36,7 @@ def task_args(output_dir, *flags: str):
     args = parser.parse_args(["--model_type", "bert", "--model_name_or_path", "unused", "--output_dir",
                               str(output_dir), "--do_train", "--no_cuda", *flags])
     task_training.check_task_arguments(args)
-    task_training.setup_run(args)
+    task_training.setup_run(args, "run_squad_w_distillation.py")
     return args
 
 
