@@ -427,7 +427,9 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.fp16)
     autocast = _autocast(args)
-    tensorboard = SummaryWriter(log_dir=str(Path(args.output_dir) / LOG_DIR)) if args.is_master else NullWriter()
+    log_dir = Path(args.output_dir) / LOG_DIR
+    with reported_as_write_error(log_dir):  # tensorboard's files are writes too: a failure is one line
+        tensorboard = SummaryWriter(log_dir=str(log_dir)) if args.is_master else NullWriter()
 
     logger.info(f"***** Running training: {len(dataset)} features, {n_epochs} epoch(s), {total_steps} optimizer "
                 f"steps, batch {args.per_gpu_train_batch_size} per process x {args.world_size} process(es) x "
@@ -464,12 +466,15 @@ def train(
                 step += 1
 
                 if step % args.logging_steps == 0:
+                    mean_loss = (loss_sum - logged_loss_sum) / args.logging_steps
+                    scalars = {"lr": scheduler.get_last_lr()[0], "loss": mean_loss}
                     if args.evaluate_during_training and evaluate is not None and args.is_master:
-                        for key, value in evaluate(raw_student, f"step-{step}").items():
-                            tensorboard.add_scalar(f"eval_{key}", value, step)
+                        figures = evaluate(raw_student, f"step-{step}")
+                        scalars |= {f"eval_{key}": value for key, value in figures.items()}
                         raw_student.train()
-                    tensorboard.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                    tensorboard.add_scalar("loss", (loss_sum - logged_loss_sum) / args.logging_steps, step)
+                    with reported_as_write_error(log_dir):
+                        for tag, value in scalars.items():
+                            tensorboard.add_scalar(tag, value, step)
                     logged_loss_sum = loss_sum
                 if step % args.save_steps == 0 and args.is_master:
                     extra = {OPTIMIZER_FILE: optimizer.state_dict(), SCHEDULER_FILE: scheduler.state_dict()}
@@ -481,7 +486,8 @@ def train(
             if step >= total_steps:
                 break
     finally:
-        tensorboard.close()
+        with reported_as_write_error(log_dir):
+            tensorboard.close()
     logger.info(f"Training done: {step} optimizer steps, mean loss {loss_sum / max(step, 1):.4f}")
     if args.is_master:
         save_model_folder(args.output_dir, raw_student, tokenizer, args)

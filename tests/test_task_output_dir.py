@@ -1,7 +1,9 @@
 """The second step's --output_dir, for both task scripts: --overwrite_output_dir replaces only a previous run of the
-same script (marked), whole, and never a folder of the user's other files; a failed run puts the previous one back.
-(The fault matrix puts the same folders through kills, signals, a full disk and a read-only folder.)"""
+same script (marked), whole, and never a folder of the user's other files; a failed run puts the previous one back;
+a failed tensorboard write is one line. (The fault matrix puts the same folders through kills, signals, a full disk and a read-only folder.)"""
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,17 @@ def test_a_run_that_fails_puts_the_previous_run_back(script, commands, tmp_path,
     status, stderr = run(main, argv(out), capsys)
     assert status == 1 and error_line(stderr) == "error: a failure during training"
     assert snapshot(out) == before and not out.with_name("out.previous-run").exists()
+
+
+@pytest.mark.parametrize("failing", ["__init__", "add_scalar", "close"])
+def test_a_failed_tensorboard_write_is_one_line(failing, commands, tmp_path, capsys, monkeypatch):
+    main, argv = commands["squad"]
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(task_training.SummaryWriter, failing, no_space)
+    status, stderr = run(main, [*argv(tmp_path / "out"), "--logging_steps", "1"], capsys)
+    runs = tmp_path / "out" / task_training.LOG_DIR
+    assert status == 1 and error_line(stderr) == f"error: could not write {str(runs)!r}: No space left on device"
+    assert "Traceback" not in stderr
