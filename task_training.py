@@ -78,6 +78,7 @@ from utils import (
     init_gpu_params,
     load_failure,
     logger,
+    lost_another_process,
     publish,
     reported_as_write_error,
     set_seed,
@@ -498,8 +499,9 @@ def train(
 
 
 def run_script(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a task script's `main(argv)`: logging set up, a UserError or a non-finite loss as one `error:` line and
-    exit status 1, Ctrl-C as 130, and the process group torn down in every case."""
+    """Run a task script's `main(argv)`: logging set up, a UserError, a non-finite loss or the loss of another
+    process of the run as one `error:` line and exit status 1, Ctrl-C as 130, and the process group torn down in
+    every case."""
     setup_logging()
     try:
         main(argv)
@@ -509,6 +511,12 @@ def run_script(main: Callable[[Sequence[str] | None], object], argv: Sequence[st
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        if not lost_another_process(err):
+            raise
+        print(f"error: lost another process of the run, which died or hangs ({str(err).splitlines()[0]}); run the "
+              "command again once the cause is fixed", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

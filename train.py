@@ -109,6 +109,7 @@ from utils import (
     load_tensors,
     load_tokenizer,
     logger,
+    lost_another_process,
     set_seed,
     setup_logging,
     special_token_ids,
@@ -978,16 +979,6 @@ def run(args: Namespace) -> None:
             previous_run.discard()
 
 
-def _lost_another_process(err: Exception) -> bool:
-    """Whether `err` is a collective failing because another process died, or hung past --dist_timeout.
-
-    NCCL and the rendezvous store raise DistError; gloo raises a RuntimeError naming its own source.
-    """
-    return isinstance(err, dist.DistError) or (
-        isinstance(err, RuntimeError) and dist.is_initialized() and "/gloo/" in str(err)
-    )
-
-
 def _exit_with_error(message: str, status: int) -> None:
     """Print `message` as one `error:` line (library messages quoted in it may span lines) and exit."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
@@ -1014,7 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C before training, or a second one during it
         _exit_with_error("interrupted; a run that saved a training state continues with --resume", 130)
     except Exception as err:
-        if not _lost_another_process(err):
+        if not lost_another_process(err):
             raise
         _exit_with_error(
             f"lost another process of the run, which died or hangs ({str(err).splitlines()[0]}); "

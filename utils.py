@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
@@ -202,6 +203,16 @@ DIST_TIMEOUT_S = 600  # default of train.py's --dist_timeout
 
 # --teacher_dtype of train.py and the task scripts: the type the frozen teacher's weights are held in.
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lost_another_process(err: Exception) -> bool:
+    """Whether `err` is a collective failing because another process died, or hung past --dist_timeout.
+
+    NCCL and the rendezvous store raise DistError; gloo raises a RuntimeError naming its own source.
+    """
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and dist.is_initialized() and "/gloo/" in str(err)
+    )
 
 
 def init_gpu_params(params: Namespace) -> None:

@@ -7,6 +7,7 @@ mechanism lives here, not in the production code.
 with the repo root and tests/ on PYTHONPATH (FAULT_TOOL: scripts/ too). FAULT is one of:
 - `sigterm@N` / `sighup@N` / `sigkill@N`: after iteration N the process sends itself SIGTERM or SIGHUP
   (the run stops at the next optimizer step, training state saved) or SIGKILL (it dies there and then);
+- `sigkill@step=N`, any tool: the process kills itself right after its N-th AdamW step (the task scripts);
 - `<kind>@move=NAME#K`, any tool: just before the K-th rename of the process onto a path named NAME
   (os.replace or os.rename: an atomic write landing, a run folder set aside or put back), `kill9`, `sigterm` or `sighup` sends itself
   that signal, `full` makes this rename and every later write fail as on a full disk (ENOSPC, then
@@ -86,6 +87,23 @@ def signal_after_iteration(signum: int, iteration: int) -> None:
     distiller.Distiller.step = step
 
 
+def signal_after_optimizer_step(signum: int, n_steps: int) -> None:
+    """Make the process send itself `signum` right after its `n_steps`-th AdamW step."""
+    import torch
+
+    original_step = torch.optim.AdamW.step
+    steps = []
+
+    def step(self, *args, **kwargs):
+        result = original_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == n_steps:
+            os.kill(os.getpid(), signum)
+        return result
+
+    torch.optim.AdamW.step = step
+
+
 def pause_in_write(name: str, occurrence: int) -> None:
     """Make the `occurrence`-th atomic write of `name` stop halfway and wait to be killed."""
     import checkpointing
@@ -119,6 +137,8 @@ def install(fault: str) -> None:
     if kind in MOVE_FAULTS and where.startswith("move="):
         name, _, occurrence = where.removeprefix("move=").rpartition("#")
         fault_before_move(kind, name, int(occurrence))
+    elif kind in SIGNALS and where.startswith("step="):
+        signal_after_optimizer_step(SIGNALS[kind], int(where.removeprefix("step=")))
     elif kind in SIGNALS:
         signal_after_iteration(SIGNALS[kind], int(where))
     elif kind == "pause":

@@ -11,6 +11,7 @@
 import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from transformers import AutoTokenizer
 import run_squad_w_distillation as squad_cli
 import squad_assets
 import task_training
-from cli_checks import child_env, free_port
+from cli_checks import child_env, error_line, free_port
 from squad_data import NOT_CONTEXT, SquadExample, convert_examples_to_features
 from squad_metrics import squad_v1_scores, squad_v2_scores
 from squad_predictions import compute_predictions
@@ -261,6 +262,25 @@ def test_distillation_under_torchrun_with_two_gloo_processes(squad_setup, repo_r
     student = squad_cli.AutoModelForQuestionAnswering.from_pretrained(out)
     initial = squad_cli.AutoModelForQuestionAnswering.from_pretrained(squad_setup["student"])
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), initial.state_dict().values()))
+
+
+def test_a_process_that_dies_ends_the_other_with_one_line(squad_setup, repo_root, tmp_path):
+    """Rank 1 is killed after its first optimizer step: rank 0, in the next gradient all-reduce, stops with one line."""
+    port, ranks = free_port(), []
+    for rank in (0, 1):
+        variables = {**child_env(repo_root), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                     "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                     "FAULT": "sigkill@step=1:1", "FAULT_TOOL": str(repo_root / "run_squad_w_distillation.py")}
+        command = [sys.executable, str(repo_root / "tests" / "fault_injection.py"), "--model_type", "distilbert",
+                   "--model_name_or_path", str(squad_setup["student"]), "--output_dir", str(tmp_path / "out"),
+                   "--do_train", "--data_dir", str(squad_setup["data"]), "--max_steps", "4", "--save_steps", "10",
+                   "--per_gpu_train_batch_size", "2", "--dist_timeout", "60", *SMALL[:-2]]
+        ranks.append(subprocess.Popen(command, cwd=tmp_path, env=variables, stderr=subprocess.PIPE, text=True))
+    _, rank1_stderr = ranks[1].communicate(timeout=300)
+    assert ranks[1].returncode == -signal.SIGKILL, rank1_stderr[-3000:]
+    _, rank0_stderr = ranks[0].communicate(timeout=120)
+    assert ranks[0].returncode == 1 and "Traceback" not in rank0_stderr, rank0_stderr[-3000:]
+    assert error_line(rank0_stderr).startswith("error: lost another process of the run")
 
 
 @pytest.mark.parametrize("case", ["malformed", "answer_not_in_context", "vocabulary", "positions", "v2_without_flag"])
