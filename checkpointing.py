@@ -14,7 +14,6 @@ temporary name and renamed; `training_state.pth` then names it, and older folder
 """
 
 import copy
-import shutil
 import tempfile
 from argparse import Namespace
 from functools import partial
@@ -27,6 +26,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from model_card import render_model_card
 from run_folder import PreviousRun
+from scripts.file_safety import delete_own
 from sharding import full_state_dict, load_sharded_state, save_sharded_state
 from training_state import (
     TRAINING_STATE,
@@ -199,7 +199,7 @@ class CheckpointManager:
                 if (candidate := f"{TRAINING_STATE_SHARDS}.{iteration}" + (f"-{k}" if k else "")) not in taken
             )
             tmp = self.dump_path / f"{TMP_PREFIX}{name[0]}{TMP_SUFFIX}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            delete_own(tmp, ignore_errors=True)
             tmp.mkdir()
         if dist.is_initialized():
             dist.broadcast_object_list(name, src=0)  # and every process sees the temporary folder
@@ -214,7 +214,7 @@ class CheckpointManager:
         """Delete the shard folders `training_state.pth` no longer names (master only)."""
         for folder in self.dump_path.glob(f"{TRAINING_STATE_SHARDS}.*"):
             if folder.name != keep:
-                shutil.rmtree(folder, ignore_errors=True)
+                delete_own(folder, ignore_errors=True)
 
     def _write_training_state(self, point: dict, rng_states: list[dict], shards: str | None) -> None:
         """Write the training state of resume point `point` (master only), naming the folder `shards` of a sharded

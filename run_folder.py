@@ -20,7 +20,6 @@ Three promises hold here:
 import fcntl
 import fnmatch
 import os
-import shutil
 import time
 import uuid
 from argparse import Namespace
@@ -28,7 +27,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from scripts.file_safety import read_json_object
+from scripts.file_safety import delete_own, read_json_object
 from training_state import TRAINING_STATE
 from utils import TMP_PREFIX, TMP_SUFFIX, UserError, git_log, logger, remove_stale_temporaries, reported_as_write_error, write_json
 
@@ -197,7 +196,7 @@ class PreviousRun:
     def discard(self) -> None:
         """Delete the previous run: the new one has saved its first training state (idempotent)."""
         if self.set_aside.is_dir() and not self.set_aside.is_symlink():
-            shutil.rmtree(self.set_aside)
+            delete_own(self.set_aside)
             logger.info(f"--force: deleted the previous run that was set aside in {self.set_aside}")
         self._release()
 
@@ -228,7 +227,7 @@ def _put_back(set_aside: Path, folder: Path) -> None:
         os.rename(folder, failed)
     os.rename(set_aside, folder)
     if failed.is_dir() and not failed.is_symlink():
-        shutil.rmtree(failed, ignore_errors=True)
+        delete_own(failed, ignore_errors=True)
 
 
 def recover(folder: Path, kind: str, done_file: str) -> bool:
@@ -245,7 +244,7 @@ def recover(folder: Path, kind: str, done_file: str) -> bool:
     if set_aside.is_symlink() or not set_aside.is_dir():
         raise UserError(f"{str(set_aside)!r} is a link or a file, not a run set aside by --force; move it away")
     if os.path.lexists(folder) and folder.is_dir() and (folder / done_file).is_file():
-        shutil.rmtree(set_aside)
+        delete_own(set_aside)
         logger.info(f"Deleted {set_aside}: the run that replaced it had saved its {done_file}")
         return True
     if os.path.lexists(folder) and any(folder.iterdir()) and not has_valid_marker(folder, kind):

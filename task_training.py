@@ -44,7 +44,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import sys
 import tempfile
 from argparse import Namespace
@@ -65,6 +64,7 @@ from distiller import EpochRandomSampler, optimizer_groups
 from losses import kl_distillation
 from metrics import NullWriter
 from run_folder import RUN_FILE_PATTERNS, check_force_target, run_folder_session
+from scripts.file_safety import delete_own
 from scripts.cli_flags import LEARNING_RATE_RANGE, SEED_RANGE, non_negative_float, non_negative_int, number
 from utils import (
     DIST_TIMEOUT_S,
@@ -340,7 +340,7 @@ def save_model_folder(
             for path in files:
                 publish(path, folder / path.name)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            delete_own(tmp, ignore_errors=True)
 
 
 def checkpoint_step(folder: Path) -> int | None:

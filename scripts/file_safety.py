@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import IO
 
@@ -174,16 +174,26 @@ def atomic_write(path: PathLike, write: Callable[[Path], object]) -> None:
             discard_temporary(tmp)
 
 
+def delete_own(path: PathLike, ignore_errors: bool = False) -> None:
+    """Delete a file or folder this project made (a temporary, a set-aside or superseded run): never through a link.
+
+    A link is only unlinked, never followed; every delete of the project goes through here.
+    """
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        with suppress(OSError) if ignore_errors else nullcontext():
+            path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def remove_stale_temporaries(folder: PathLike) -> list[str]:
     """Delete what interrupted atomic writes left in `folder` (`.*.tmp` files and folders); return their names."""
     removed = []
     for path in Path(folder).iterdir():
         if not (path.name.startswith(TMP_PREFIX) and path.name.endswith(TMP_SUFFIX)):
             continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        delete_own(path)
         removed.append(path.name)
     return sorted(removed)
 
